@@ -13,8 +13,6 @@ Example:
 
 from __future__ import annotations
 
-from typing import Union
-
 from jaxq.formats.block import (
     MXFP4,
     MXFP6_E2M3,
@@ -44,8 +42,8 @@ from jaxq.formats.element import (
     LookupFormat,
 )
 
-Format = Union[FloatFormat, IntFormat, LookupFormat, BlockFormat]
-ElementFormat = Union[FloatFormat, IntFormat, LookupFormat]
+Format = FloatFormat | IntFormat | LookupFormat | BlockFormat
+ElementFormat = FloatFormat | IntFormat | LookupFormat
 
 ALL: tuple[Format, ...] = (
     E4M3, E5M2, E2M3, E3M2, E2M1, E8M0,

@@ -1,0 +1,165 @@
+"""Calibration: choosing the clipping range ``amax`` that a scale maps onto the format's max.
+
+* :class:`Absmax` — ``amax = max |x|`` over the finite elements of each group.
+* :class:`Percentile` — ``amax`` = the ``q``-th percentile of ``|x|`` in each group.
+* :class:`MSE` — ``amax = r* · max|x|`` with ``r*`` minimising ``‖x − dequantize(quantize(x))‖²``
+  over a grid of clipping ratios ``r`` in ``[min_ratio, 1]``, independently per group.
+* :class:`AmaxHistory` — functional amax history for delayed scaling (FP8 training).
+
+Every statistic ignores non-finite elements, so one NaN or inf never inflates a scale.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+
+from jaxq import formats as F
+
+__all__ = ["Absmax", "Percentile", "MSE", "AmaxHistory", "Calibration", "finite_abs"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Absmax:
+    """Clip at the largest finite magnitude of each group (no clipping)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Percentile:
+    """Clip at the ``q``-th percentile (0 < q <= 100) of ``|x|`` in each group.
+
+    Example:
+        >>> import jax.numpy as jnp, jaxq
+        >>> x = jnp.concatenate([jnp.linspace(-1, 1, 9999), jnp.array([1000.0])])
+        >>> q = jaxq.quantize(x, "int8", calibration=jaxq.Percentile(99.9))
+        >>> bool(q.scale < 1000.0 / 127)
+        True
+    """
+
+    q: float
+
+    def __post_init__(self):
+        if not 0.0 < float(self.q) <= 100.0:
+            raise ValueError(f"Percentile q must be in (0, 100], got {self.q}")
+
+
+@dataclasses.dataclass(frozen=True)
+class MSE:
+    """Per-group search of the clipping ratio minimising the squared quantization error.
+
+    Attributes:
+        num_ratios: grid size; ratios are ``linspace(min_ratio, 1, num_ratios)``.
+        min_ratio: smallest clipping ratio tried.
+    """
+
+    num_ratios: int = 64
+    min_ratio: float = 0.25
+
+    def __post_init__(self):
+        if self.num_ratios < 2 or not 0.0 < self.min_ratio < 1.0:
+            raise ValueError(
+                f"MSE needs num_ratios >= 2 and 0 < min_ratio < 1, got {self.num_ratios}, "
+                f"{self.min_ratio}"
+            )
+
+
+Calibration = Absmax | Percentile | MSE
+
+
+def finite_abs(x: jax.Array) -> jax.Array:
+    """``|x|`` with non-finite elements replaced by 0."""
+    a = jnp.abs(x)
+    return jnp.where(jnp.isfinite(a), a, 0.0)
+
+
+def group_amax(
+    xg: jax.Array,
+    axes: tuple[int, ...],
+    calibration: Calibration,
+    sq_error: Callable[[jax.Array], jax.Array] | None = None,
+) -> jax.Array:
+    """Clipping range of each group of ``xg`` (reduced over ``axes``, kept as size 1).
+
+    ``sq_error(amax)`` returns the per-group squared quantization error for a candidate
+    ``amax`` (needed by :class:`MSE` only).
+    """
+    a = finite_abs(xg.astype(jnp.float32))
+    amax = jnp.max(a, axis=axes, keepdims=True)
+    if isinstance(calibration, Absmax):
+        return amax
+    if isinstance(calibration, Percentile):
+        return jnp.percentile(a, calibration.q, axis=axes, keepdims=True)
+    if isinstance(calibration, MSE):
+        ratios = jnp.linspace(calibration.min_ratio, 1.0, calibration.num_ratios)
+
+        def body(carry, r):
+            best_err, best_amax = carry
+            err = sq_error(amax * r)
+            better = err < best_err
+            return (jnp.where(better, err, best_err), jnp.where(better, amax * r, best_amax)), None
+
+        init = (sq_error(amax), amax)
+        (_, best), _ = jax.lax.scan(body, init, ratios[:-1])
+        return best
+    raise TypeError(
+        f"calibration must be Absmax(), Percentile(q) or MSE(...), got {type(calibration)!r}"
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class AmaxHistory:
+    """Functional amax history for delayed scaling.
+
+    The state is a float32 array of the last ``length`` amax values (newest first).
+    ``update`` records ``max |x|`` over the **finite** elements of ``x`` only: NaN and ±inf
+    are ignored instead of stored, and a tensor with no finite element leaves the state
+    unchanged, so one bad step never poisons later scales.
+
+    ``amax(state)`` reduces the history (``"max"``, ``"mean"`` or ``"most_recent"``);
+    ``scale(state, fmt)`` is ``amax / fmt.max · 2^margin`` (1 when the history is all zero).
+
+    Example:
+        >>> import jax.numpy as jnp, jaxq
+        >>> hist = jaxq.AmaxHistory(length=4)
+        >>> s = hist.update(hist.init(), jnp.array([1.0, -3.0, jnp.nan]))
+        >>> float(hist.amax(s)), float(hist.scale(s, "e4m3")) == 3.0 / 448
+        (3.0, True)
+    """
+
+    length: int = 16
+    reduction: Literal["max", "mean", "most_recent"] = "max"
+
+    def __post_init__(self):
+        if self.length < 1:
+            raise ValueError(f"AmaxHistory length must be >= 1, got {self.length}")
+        if self.reduction not in ("max", "mean", "most_recent"):
+            raise ValueError(
+                f"reduction must be 'max', 'mean' or 'most_recent', got {self.reduction!r}"
+            )
+
+    def init(self) -> jax.Array:
+        return jnp.zeros((self.length,), jnp.float32)
+
+    def update(self, state: jax.Array, x: jax.Array) -> jax.Array:
+        if state.shape != (self.length,):
+            raise ValueError(f"state has shape {state.shape}, expected ({self.length},)")
+        finite = jnp.isfinite(x)
+        new = jnp.max(finite_abs(x).astype(jnp.float32), initial=0.0)
+        rolled = jnp.roll(state, 1).at[0].set(new)
+        return jnp.where(jnp.any(finite), rolled, state)
+
+    def amax(self, state: jax.Array) -> jax.Array:
+        if self.reduction == "max":
+            return jnp.max(state)
+        if self.reduction == "mean":
+            return jnp.mean(state)
+        return state[0]
+
+    def scale(self, state: jax.Array, fmt: F.Format | str, *, margin: int = 0) -> jax.Array:
+        fmt = F.get(fmt)
+        amax = self.amax(state)
+        return jnp.where(amax > 0, amax / fmt.max * 2.0**margin, 1.0).astype(jnp.float32)

@@ -1,0 +1,320 @@
+"""``quantize`` / ``dequantize``: scaled quantization at tensor, channel or block granularity.
+
+For an element format with largest value ``M`` and a group (the tensor, one channel, or one
+block) with clipping range ``amax`` (see :mod:`jaxq.quantization.calibration`):
+
+* scale ``s = amax / M`` (1 for an all-zero group), rounded to the smallest float32 with
+  ``fl(M·s) >= amax``, so that ``quantize(dequantize(q))`` reproduces ``q`` exactly;
+* codes ``c = round_fmt(x / s)`` (saturating), value ``c · s``.
+
+Asymmetric integer formats (``uint8``/``uint4``/``uint2``) map ``[lo, hi] ∋ 0`` onto
+``[0, 2^b − 1]``: ``s = (hi − lo) / (2^b − 1)``, zero point ``z = round(−lo / s)``, value
+``(c − z) · s``.
+
+Block formats follow their specs exactly (see :mod:`jaxq.formats.block`): MX uses the E8M0
+scale ``2^(floor(log2 amax) − emax_elem)``; NVFP4 uses ``s_t = amax_tensor / 2688`` and
+``s_b = E4M3(amax_block / (6 s_t))``.
+
+Non-finite inputs: statistics ignore them. Elements the element format can encode (NaN in
+FP8; inf in E5M2) are stored as such; E4M3 stores inf as NaN. A group containing a value the
+element format cannot encode (NaN for FP6/FP4/INT/NF4; ±inf for any format without inf
+other than E4M3) gets a NaN scale, so the whole group dequantizes to NaN — never to a
+silently finite number.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxq import formats as F
+from jaxq.quantization import packing
+from jaxq.quantization.calibration import Absmax, Calibration, finite_abs, group_amax
+from jaxq.quantization.cast import _check_float_input, _check_rounding, _round_grid
+from jaxq.quantization.codes import decode, encode
+from jaxq.quantization.qarray import Layout, QArray
+
+__all__ = ["quantize", "dequantize", "pow2"]
+
+_NVFP4_DENOM = 448.0 * 6.0
+
+
+def pow2(k: jax.Array) -> jax.Array:
+    """Exact float32 ``2^k`` for integer ``k`` in ``[-126, 127]`` (built from the bits)."""
+    return jax.lax.bitcast_convert_type(((k + 127) << 23).astype(jnp.int32), jnp.float32)
+
+
+def _fixed_point_scale(amax: jax.Array, m: float) -> jax.Array:
+    """The smallest float32 ``s`` with ``fl(m · s) >= amax`` (1 where ``amax == 0``).
+
+    This equals ``amax / m`` up to an ulp, and it is a fixed point of re-quantization: the
+    largest dequantized value ``fl(m · s)`` maps back to the same ``s``. It is computed with
+    multiplications only, because XLA's float division is not correctly rounded on CPU.
+    """
+    amax = jnp.where(amax > 0, amax, jnp.float32(m))
+    s = amax * jnp.float32(1.0 / m)
+    down, up = jnp.float32(-jnp.inf), jnp.float32(jnp.inf)
+    s = jnp.nextafter(jnp.nextafter(s, down), down)
+    for _ in range(4):  # step up to the smallest candidate that covers amax
+        s = jnp.where(s * jnp.float32(m) >= amax, s, jnp.nextafter(s, up))
+    return s
+
+
+def _normalize_axis(axis: int, ndim: int, shape) -> int:
+    try:
+        axis = operator.index(axis)
+    except TypeError:
+        raise TypeError(f"axis must be an int or a tuple of ints, got {axis!r}") from None
+    if not -ndim <= axis < ndim:
+        raise ValueError(f"axis {axis} is out of range for an array of shape {tuple(shape)}")
+    return axis % ndim
+
+
+def _layout(shape, fmt, axis, block_size) -> Layout:
+    ndim = len(shape)
+    if isinstance(fmt, F.BlockFormat):
+        if block_size not in (None, fmt.block_size):
+            raise ValueError(
+                f"{fmt.name} has a fixed block size of {fmt.block_size}, "
+                f"got block_size={block_size}"
+            )
+        block_size = fmt.block_size
+    if block_size is not None:
+        if isinstance(axis, (tuple, list)):
+            raise ValueError(f"block quantization takes a single axis, got axis={axis}")
+        if ndim == 0:
+            raise ValueError("block quantization needs at least one axis, got a scalar x")
+        if not isinstance(block_size, int) or block_size < 1:
+            raise ValueError(f"block_size must be a positive int, got {block_size!r}")
+        a = _normalize_axis(-1 if axis is None else axis, ndim, shape)
+        if shape[a] % block_size:
+            raise ValueError(
+                f"block_size {block_size} does not divide axis {a} of size {shape[a]} "
+                f"(x.shape={tuple(shape)}); pad the array or choose another block size"
+            )
+        return Layout("block", (a,), block_size)
+    if axis is None:
+        return Layout("tensor")
+    axes = axis if isinstance(axis, (tuple, list)) else (axis,)
+    axes = tuple(sorted({_normalize_axis(a, ndim, shape) for a in axes}))
+    return Layout("channel", axes)
+
+
+def _broadcast_amax(amax, layout: Layout, shape) -> jax.Array:
+    """Broadcasts a user-given amax (scalar or of the scale shape) to the grouped shape."""
+    amax = jnp.asarray(amax, jnp.float32)
+    target = layout.group_scale_shape(shape)
+    if amax.ndim:
+        want = layout.scale_shape(shape)
+        if tuple(amax.shape) != want:
+            raise ValueError(f"amax has shape {tuple(amax.shape)}, expected () or {want}")
+        amax = amax.reshape(target)
+    return jnp.broadcast_to(amax, target)
+
+
+def _poison(xg, red, elem) -> jax.Array:
+    """True for groups holding a value the element format cannot encode."""
+    bad = jnp.zeros(xg.shape, bool)
+    if not elem.has_nan:
+        bad = bad | jnp.isnan(xg)
+    if not elem.has_inf and not elem.has_nan:
+        bad = bad | jnp.isinf(xg)
+    return jnp.any(bad, axis=red, keepdims=True)
+
+
+def _element_codes(xg, red, fmt, calibration, amax, rounding, key):
+    """Symmetric element formats: returns ``(codes, scale)`` in the grouped shape."""
+    m = fmt.max
+
+    def qdq_error(a):
+        s = _fixed_point_scale(a, m)
+        err = decode(encode(xg / s, fmt), fmt) * s - xg
+        return jnp.sum(jnp.where(jnp.isfinite(err), err * err, 0.0), axis=red, keepdims=True)
+
+    if amax is None:
+        amax = group_amax(xg, red, calibration, qdq_error)
+    s = _fixed_point_scale(amax, m)
+    codes = encode(xg / s, fmt, rounding=rounding, key=key)
+    return codes, jnp.where(_poison(xg, red, fmt), jnp.nan, s)
+
+
+def _asymmetric_codes(xg, red, fmt, calibration, rounding, key):
+    xf = jnp.where(jnp.isfinite(xg), xg, 0.0)
+    if isinstance(calibration, Absmax):
+        lo, hi = jnp.min(xf, red, keepdims=True), jnp.max(xf, red, keepdims=True)
+    elif hasattr(calibration, "q"):
+        lo = jnp.percentile(xf, 100.0 - calibration.q, axis=red, keepdims=True)
+        hi = jnp.percentile(xf, calibration.q, axis=red, keepdims=True)
+    else:
+        raise ValueError(f"asymmetric format {fmt.name} supports Absmax and Percentile calibration")
+    lo, hi = jnp.minimum(lo, 0.0), jnp.maximum(hi, 0.0)
+    s = jnp.where(hi > lo, (hi - lo) / fmt.qmax, 1.0)
+    zp = jnp.clip(jnp.round(-lo / s), 0, fmt.qmax)
+    y = xg / s + zp
+    c = jnp.clip(_round_grid(jnp.where(jnp.isfinite(y), y, zp), rounding, key), 0, fmt.qmax)
+    s = jnp.where(_poison(xg, red, fmt), jnp.nan, s)
+    return c.astype(jnp.uint8), s, zp.astype(jnp.uint8)
+
+
+def _mx_codes(xg, red, fmt: F.BlockFormat, calibration, amax, rounding, key):
+    elem = fmt.element
+
+    def exponent(a):
+        _, k = jnp.frexp(a)
+        return jnp.where(a > 0, jnp.clip(k - 1 - elem.emax, -127, 127), 0)
+
+    def qdq_error(a):
+        e = exponent(a)
+        err = decode(encode(xg * pow2(-e), elem), elem) * pow2(e // 2) * pow2(e - e // 2) - xg
+        return jnp.sum(jnp.where(jnp.isfinite(err), err * err, 0.0), axis=red, keepdims=True)
+
+    if amax is None:
+        amax = group_amax(xg, red, calibration, qdq_error)
+    e = exponent(amax)
+    codes = encode(xg * pow2(-e), elem, rounding=rounding, key=key)
+    bits = jnp.where(_poison(xg, red, elem), 255, e + 127).astype(jnp.uint8)
+    return codes, jax.lax.bitcast_convert_type(bits, fmt.scale_format.dtype)
+
+
+def _nvfp4_codes(xg, red, fmt: F.BlockFormat, calibration, amax, rounding, key):
+    elem = fmt.element
+    t_amax = jnp.max(finite_abs(xg)) if amax is None else jnp.asarray(amax, jnp.float32)
+    s_t = _fixed_point_scale(t_amax, _NVFP4_DENOM)
+
+    def block_scale(a):
+        return jnp.clip(a / (elem.max * s_t), 0, F.E4M3.max).astype(F.E4M3.dtype)
+
+    def qdq_error(a):
+        d = block_scale(a).astype(jnp.float32) * s_t
+        y = jnp.where(d > 0, xg / jnp.where(d > 0, d, 1.0), 0.0)
+        err = decode(encode(y, elem), elem) * block_scale(a).astype(jnp.float32) * s_t - xg
+        return jnp.sum(jnp.where(jnp.isfinite(err), err * err, 0.0), axis=red, keepdims=True)
+
+    b_amax = group_amax(xg, red, calibration, qdq_error)
+    s_b = block_scale(b_amax)
+    d = s_b.astype(jnp.float32) * s_t
+    y = jnp.where(d > 0, xg / jnp.where(d > 0, d, 1.0), 0.0)
+    codes = encode(y, elem, rounding=rounding, key=key)
+    s_b = jnp.where(_poison(xg, red, elem), jnp.nan, s_b.astype(jnp.float32)).astype(s_b.dtype)
+    return codes, s_b, s_t.astype(jnp.float32)
+
+
+def quantize(
+    x: jax.Array,
+    fmt: F.Format | str,
+    *,
+    axis: int | tuple[int, ...] | None = None,
+    block_size: int | None = None,
+    calibration: Calibration = Absmax(),
+    rounding: str = "nearest",
+    key: jax.Array | None = None,
+    amax: jax.Array | None = None,
+) -> QArray:
+    """Quantizes ``x`` to ``fmt`` with per-tensor, per-channel or per-block scales.
+
+    Granularity:
+        * neither ``axis`` nor ``block_size``: one scale for the tensor;
+        * ``axis`` (int or tuple) without ``block_size``: one scale per index of those axes
+          (e.g. ``axis=-1`` for per-output-channel weights of shape ``(in, out)``);
+        * ``block_size``: blocks of ``block_size`` consecutive elements along ``axis``
+          (default: the last axis). Block formats fix their own block size.
+
+    Args:
+        x: floating-point array.
+        fmt: a format or its name (``"e4m3"``, ``"int4"``, ``"nf4"``, ``"mxfp4"``, ``"nvfp4"``...).
+        axis: channel axes, or the blocked axis.
+        block_size: elements per block; must divide the blocked axis.
+        calibration: :class:`Absmax` (default), :class:`Percentile` or :class:`MSE`.
+        rounding: ``"nearest"`` or ``"stochastic"`` (needs ``key``).
+        key: PRNG key for stochastic rounding.
+        amax: precomputed clipping range (e.g. from :class:`AmaxHistory` for delayed
+            scaling), broadcastable to the scale shape; replaces ``calibration``. For NVFP4 it
+            is the tensor amax.
+
+    Returns:
+        A :class:`QArray`; see its invariants. Non-finite inputs: see the module docstring.
+
+    Raises:
+        TypeError: ``x`` is not floating point.
+        ValueError: bad axis, block size not dividing the axis, unknown format or rounding.
+
+    Example:
+        >>> import jax, jax.numpy as jnp, jaxq
+        >>> x = jax.random.normal(jax.random.key(0), (128, 256))
+        >>> q = jaxq.quantize(x, "mxfp4")
+        >>> q.scale.shape, q.codes.shape, q.bits_per_element
+        ((128, 8), (128, 128), 4.25)
+    """
+    x = _check_float_input(x)
+    fmt = F.get(fmt)
+    _check_rounding(rounding, key)
+    if fmt is F.E8M0:
+        raise ValueError("E8M0 is a scale format; quantize to a format that can hold elements")
+    shape = tuple(x.shape)
+    layout = _layout(shape, fmt, axis, block_size)
+    xg = x.astype(jnp.float32).reshape(layout.grouped_shape(shape))
+    red = layout.reduce_axes(shape)
+    zp = ts = None
+    nvfp4 = isinstance(fmt, F.BlockFormat) and fmt.tensor_scale
+    if amax is not None and not nvfp4:
+        amax = _broadcast_amax(amax, layout, shape)
+    if isinstance(fmt, F.BlockFormat) and fmt.is_mx:
+        codes, scale = _mx_codes(xg, red, fmt, calibration, amax, rounding, key)
+    elif nvfp4:
+        codes, scale, ts = _nvfp4_codes(xg, red, fmt, calibration, amax, rounding, key)
+    elif isinstance(fmt, F.IntFormat) and not fmt.signed:
+        if amax is not None:
+            raise ValueError(f"amax= is not supported for asymmetric format {fmt.name}")
+        codes, scale, zp = _asymmetric_codes(xg, red, fmt, calibration, rounding, key)
+    else:
+        codes, scale = _element_codes(xg, red, fmt, calibration, amax, rounding, key)
+    s_shape = layout.scale_shape(shape)
+    codes = codes.reshape(shape)
+    elem = fmt.element if isinstance(fmt, F.BlockFormat) else fmt
+    if elem.bits < 8:
+        codes = packing.pack(codes.reshape(shape or (1,)), bits=elem.bits)
+    return QArray(
+        codes=codes,
+        scale=scale.reshape(s_shape),
+        zero_point=None if zp is None else zp.reshape(s_shape),
+        tensor_scale=ts,
+        fmt=fmt,
+        shape=shape,
+        dtype=np.dtype(x.dtype),
+        layout=layout,
+    )
+
+
+def dequantize(q: QArray, dtype=None) -> jax.Array:
+    """Returns the values a :class:`QArray` represents, as ``dtype`` (default ``q.dtype``).
+
+    Example:
+        >>> import jax.numpy as jnp, jaxq
+        >>> jaxq.dequantize(jaxq.quantize(jnp.array([1.0, -2.0, 0.3]), "e4m3")).tolist()
+        [1.0, -2.0, 0.30357...]
+    """
+    if not isinstance(q, QArray):
+        raise TypeError(f"dequantize expects a jaxq.QArray, got {type(q)!r}")
+    q.validate()
+    fmt, layout, shape = q.fmt, q.layout, q.shape
+    elem = fmt.element if isinstance(fmt, F.BlockFormat) else fmt
+    codes = q.codes
+    if elem.bits < 8:
+        codes = packing.unpack(codes, bits=elem.bits, n=shape[-1] if shape else 1)
+    v = decode(codes.reshape(shape), elem).reshape(layout.grouped_shape(shape))
+    gs = layout.group_scale_shape(shape)
+    if isinstance(fmt, F.BlockFormat) and fmt.is_mx:
+        bits = jax.lax.bitcast_convert_type(q.scale, jnp.uint8).astype(jnp.int32).reshape(gs)
+        e = bits - 127
+        v = v * pow2(e // 2) * pow2(e - e // 2)
+        v = jnp.where(bits == 255, jnp.nan, v)
+    elif isinstance(fmt, F.BlockFormat):
+        v = v * q.scale.astype(jnp.float32).reshape(gs) * q.tensor_scale
+    elif q.zero_point is not None:
+        v = (v - q.zero_point.astype(jnp.float32).reshape(gs)) * q.scale.reshape(gs)
+    else:
+        v = v * q.scale.reshape(gs)
+    return v.reshape(shape).astype(q.dtype if dtype is None else dtype)
