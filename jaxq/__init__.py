@@ -21,6 +21,8 @@ from jaxq.quantization import (
     QArray,
     cast,
     dequantize,
+    fake_quant,
+    lsq_quant,
     quantize,
 )
 
@@ -29,5 +31,5 @@ __version__ = "0.1.0"
 __all__ = [
     "formats", "__version__",
     "cast", "quantize", "dequantize", "QArray", "Layout",
-    "Absmax", "Percentile", "MSE", "AmaxHistory",
+    "Absmax", "Percentile", "MSE", "AmaxHistory", "fake_quant", "lsq_quant",
 ]  # fmt: skip

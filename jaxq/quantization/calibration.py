@@ -20,7 +20,9 @@ import jax.numpy as jnp
 
 from jaxq import formats as F
 
-__all__ = ["Absmax", "Percentile", "MSE", "AmaxHistory", "Calibration", "finite_abs"]
+__all__ = [
+    "Absmax", "Percentile", "MSE", "AmaxHistory", "Calibration", "finite_abs", "scale_for_amax",
+]  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,6 +78,22 @@ def finite_abs(x: jax.Array) -> jax.Array:
     return jnp.where(jnp.isfinite(a), a, 0.0)
 
 
+def scale_for_amax(amax: jax.Array, m: float) -> jax.Array:
+    """The smallest float32 ``s`` with ``fl(m · s) >= amax`` (1 where ``amax == 0``).
+
+    This equals ``amax / m`` up to an ulp, and it is a fixed point of re-quantization: the
+    largest dequantized value ``fl(m · s)`` maps back to the same ``s``. It is computed with
+    multiplications only, because XLA's float division is not correctly rounded on CPU.
+    """
+    amax = jnp.where(amax > 0, amax, jnp.float32(m))
+    s = amax * jnp.float32(1.0 / m)
+    down, up = jnp.float32(-jnp.inf), jnp.float32(jnp.inf)
+    s = jnp.nextafter(jnp.nextafter(s, down), down)
+    for _ in range(4):  # step up to the smallest candidate that covers amax
+        s = jnp.where(s * jnp.float32(m) >= amax, s, jnp.nextafter(s, up))
+    return s
+
+
 def group_amax(
     xg: jax.Array,
     axes: tuple[int, ...],
@@ -120,14 +138,15 @@ class AmaxHistory:
     unchanged, so one bad step never poisons later scales.
 
     ``amax(state)`` reduces the history (``"max"``, ``"mean"`` or ``"most_recent"``);
-    ``scale(state, fmt)`` is ``amax / fmt.max · 2^margin`` (1 when the history is all zero).
+    ``scale(state, fmt)`` is ``amax / fmt.max · 2^margin`` (1 when the history is all zero),
+    computed exactly as :func:`jaxq.quantize` computes a scale from an amax.
 
     Example:
         >>> import jax.numpy as jnp, jaxq
         >>> hist = jaxq.AmaxHistory(length=4)
         >>> s = hist.update(hist.init(), jnp.array([1.0, -3.0, jnp.nan]))
-        >>> float(hist.amax(s)), float(hist.scale(s, "e4m3")) == 3.0 / 448
-        (3.0, True)
+        >>> float(hist.amax(s)), round(float(hist.scale(s, "e4m3")) * 448, 5)
+        (3.0, 3.0)
     """
 
     length: int = 16
@@ -161,5 +180,4 @@ class AmaxHistory:
 
     def scale(self, state: jax.Array, fmt: F.Format | str, *, margin: int = 0) -> jax.Array:
         fmt = F.get(fmt)
-        amax = self.amax(state)
-        return jnp.where(amax > 0, amax / fmt.max * 2.0**margin, 1.0).astype(jnp.float32)
+        return scale_for_amax(self.amax(state), fmt.max) * jnp.float32(2.0**margin)

@@ -32,7 +32,13 @@ import numpy as np
 
 from jaxq import formats as F
 from jaxq.quantization import packing
-from jaxq.quantization.calibration import Absmax, Calibration, finite_abs, group_amax
+from jaxq.quantization.calibration import (
+    Absmax,
+    Calibration,
+    finite_abs,
+    group_amax,
+    scale_for_amax,
+)
 from jaxq.quantization.cast import _check_float_input, _check_rounding, _round_grid
 from jaxq.quantization.codes import decode, encode
 from jaxq.quantization.qarray import Layout, QArray
@@ -45,22 +51,6 @@ _NVFP4_DENOM = 448.0 * 6.0
 def pow2(k: jax.Array) -> jax.Array:
     """Exact float32 ``2^k`` for integer ``k`` in ``[-126, 127]`` (built from the bits)."""
     return jax.lax.bitcast_convert_type(((k + 127) << 23).astype(jnp.int32), jnp.float32)
-
-
-def _fixed_point_scale(amax: jax.Array, m: float) -> jax.Array:
-    """The smallest float32 ``s`` with ``fl(m · s) >= amax`` (1 where ``amax == 0``).
-
-    This equals ``amax / m`` up to an ulp, and it is a fixed point of re-quantization: the
-    largest dequantized value ``fl(m · s)`` maps back to the same ``s``. It is computed with
-    multiplications only, because XLA's float division is not correctly rounded on CPU.
-    """
-    amax = jnp.where(amax > 0, amax, jnp.float32(m))
-    s = amax * jnp.float32(1.0 / m)
-    down, up = jnp.float32(-jnp.inf), jnp.float32(jnp.inf)
-    s = jnp.nextafter(jnp.nextafter(s, down), down)
-    for _ in range(4):  # step up to the smallest candidate that covers amax
-        s = jnp.where(s * jnp.float32(m) >= amax, s, jnp.nextafter(s, up))
-    return s
 
 
 def _normalize_axis(axis: int, ndim: int, shape) -> int:
@@ -130,13 +120,13 @@ def _element_codes(xg, red, fmt, calibration, amax, rounding, key):
     m = fmt.max
 
     def qdq_error(a):
-        s = _fixed_point_scale(a, m)
+        s = scale_for_amax(a, m)
         err = decode(encode(xg / s, fmt), fmt) * s - xg
         return jnp.sum(jnp.where(jnp.isfinite(err), err * err, 0.0), axis=red, keepdims=True)
 
     if amax is None:
         amax = group_amax(xg, red, calibration, qdq_error)
-    s = _fixed_point_scale(amax, m)
+    s = scale_for_amax(amax, m)
     codes = encode(xg / s, fmt, rounding=rounding, key=key)
     return codes, jnp.where(_poison(xg, red, fmt), jnp.nan, s)
 
@@ -182,7 +172,7 @@ def _mx_codes(xg, red, fmt: F.BlockFormat, calibration, amax, rounding, key):
 def _nvfp4_codes(xg, red, fmt: F.BlockFormat, calibration, amax, rounding, key):
     elem = fmt.element
     t_amax = jnp.max(finite_abs(xg)) if amax is None else jnp.asarray(amax, jnp.float32)
-    s_t = _fixed_point_scale(t_amax, _NVFP4_DENOM)
+    s_t = scale_for_amax(t_amax, _NVFP4_DENOM)
 
     def block_scale(a):
         return jnp.clip(a / (elem.max * s_t), 0, F.E4M3.max).astype(F.E4M3.dtype)
@@ -294,7 +284,7 @@ def dequantize(q: QArray, dtype=None) -> jax.Array:
     Example:
         >>> import jax.numpy as jnp, jaxq
         >>> jaxq.dequantize(jaxq.quantize(jnp.array([1.0, -2.0, 0.3]), "e4m3")).tolist()
-        [1.0, -2.0, 0.30357...]
+        [1.0, -2.0, 0.2857...]
     """
     if not isinstance(q, QArray):
         raise TypeError(f"dequantize expects a jaxq.QArray, got {type(q)!r}")
