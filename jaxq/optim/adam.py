@@ -1,0 +1,326 @@
+"""Adam and AdamW with 8-bit, 4-bit and FP8 blockwise-quantized moments (optax transforms).
+
+One step, for each parameter with quantized state (float32 arithmetic):
+
+.. math::
+
+    m &\\leftarrow \\beta_1 \\hat{Q}^{-1}(m) + (1 - \\beta_1) g, \\qquad
+    v \\leftarrow \\beta_2 \\hat{Q}^{-1}(v) + (1 - \\beta_2) g^2, \\\\
+    u &= \\frac{m / (1 - \\beta_1^t)}{\\sqrt{v} / \\sqrt{1 - \\beta_2^t} + \\epsilon},
+
+then ``m`` and ``v`` are re-quantized with fresh block scales. ``u`` comes from the float32
+moments, not from their re-quantized values. ``adamw_*`` then add ``weight_decay * p``
+(decoupled, optional ``mask``) and scale by ``-learning_rate`` exactly as ``optax.adamw``.
+See :mod:`jaxq.optim.engine` for non-finite gradients and which parameters keep float32
+state, and :mod:`jaxq.optim.codecs` for the block layout.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from jaxq.optim import codecs as cd
+from jaxq.optim import maps
+from jaxq.optim.common import static_int
+from jaxq.optim.engine import init_moments, step_moments
+
+__all__ = [
+    "QuantizedAdamState",
+    "scale_by_adam_8bit",
+    "scale_by_adam_4bit",
+    "scale_by_adam_fp8",
+    "adam_8bit",
+    "adamw_8bit",
+    "adamw_4bit",
+    "adamw_fp8",
+]
+
+_DEFAULT_MIN_SIZE = 4096
+
+
+class QuantizedAdamState(NamedTuple):
+    """State of the quantized Adam transforms.
+
+    Attributes:
+        count: int32 step count.
+        mu: first moments: a pytree like the parameters whose leaves are
+            :class:`~jaxq.optim.codecs.QuantizedMoment` (quantized) or float32 arrays.
+        nu: second moments, likewise (4-bit: :class:`~jaxq.optim.codecs.Rank1Moment` for
+            parameters with two or more axes).
+    """
+
+    count: jax.Array
+    mu: Any
+    nu: Any
+
+
+def _scale_by_adam(b1, b2, eps, codecs, *, keep_fp32, min_quantized_size):
+    min_size = static_int(
+        _DEFAULT_MIN_SIZE if min_quantized_size is None else min_quantized_size,
+        "min_quantized_size",
+        minimum=0,
+    )
+
+    def init_fn(params):
+        mu, nu = init_moments(
+            params, codecs, 2, keep_fp32=keep_fp32, min_quantized_size=min_size
+        )
+        return QuantizedAdamState(jnp.zeros([], jnp.int32), mu, nu)
+
+    def update_fn(updates, state, params=None):
+        del params
+        count = optax.safe_increment(state.count)
+        t = count.astype(jnp.float32)
+        beta1 = jnp.asarray(b1, jnp.float32)
+        beta2 = jnp.asarray(b2, jnp.float32)
+        bc1 = 1.0 - beta1**t
+        bc2_sqrt = jnp.sqrt(1.0 - beta2**t)
+        epsilon = jnp.asarray(eps, jnp.float32)
+
+        def step(g, moments):
+            m, v = moments
+            m = beta1 * m + (1.0 - beta1) * g
+            v = beta2 * v + (1.0 - beta2) * (g * g)
+            u = (m / bc1) / (jnp.sqrt(v) / bc2_sqrt + epsilon)
+            return u, (m, v)
+
+        updates, (mu, nu) = step_moments(updates, (state.mu, state.nu), codecs, step)
+        return updates, QuantizedAdamState(count, mu, nu)
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _dtype(scale_dtype, default):
+    return jnp.dtype(default if scale_dtype is None else scale_dtype)
+
+
+def _codecs_8bit(block_size, scale_dtype):
+    bs = static_int(256 if block_size is None else block_size, "block_size", minimum=1)
+    sd = _dtype(scale_dtype, jnp.bfloat16)
+    m = cd.BlockCodec(maps.SIGNED8, bs, 8, sign_fix=True, scale_dtype=sd)
+    v = cd.BlockCodec(maps.UNSIGNED8, bs, 8, scale_dtype=sd)
+    return lambda ndim: (m, v)
+
+
+def _codecs_4bit(block_size, scale_dtype):
+    bs = static_int(128 if block_size is None else block_size, "block_size", minimum=2)
+    if bs % 2:
+        raise ValueError(f"block_size: expected an even int for 4-bit codes, got {bs}")
+    sd = _dtype(scale_dtype, jnp.float32)
+    m = cd.BlockCodec(maps.SIGNED4, bs, 4, sign_fix=True, scale_dtype=sd)
+    v1 = cd.BlockCodec(maps.LINEAR4, bs, 4, scale_dtype=sd)
+    v2 = cd.Rank1Codec(maps.LINEAR4)
+    return lambda ndim: (m, v2 if ndim >= 2 else v1)
+
+
+def _codecs_fp8(block_size, scale_dtype):
+    bs = static_int(256 if block_size is None else block_size, "block_size", minimum=1)
+    c = cd.FP8Codec(bs, _dtype(scale_dtype, jnp.bfloat16))
+    return lambda ndim: (c, c)
+
+
+_COMMON_ARGS = """
+    Args:
+        b1: decay of the first moment (float or array; injectable).
+        b2: decay of the second moment.
+        eps: added to the denominator ``sqrt(v_hat)``.
+        block_size: elements per block along the last axis (static; default {bs}).
+        min_quantized_size: parameters with fewer elements keep float32 moments (static;
+            default 4096).
+        keep_fp32: predicate ``(path, param) -> bool`` on the ``"/"``-joined parameter
+            path, or a pytree of bools like the parameters: True keeps float32 moments.
+            Default: :func:`~jaxq.optim.is_stable_embedding` (StableEmbed tables).
+        scale_dtype: dtype of the stored block scales, ``float32`` or ``bfloat16``
+            (stored rounded up; default {sd}).
+"""
+
+
+def scale_by_adam_8bit(
+    b1=0.9, b2=0.999, eps=1e-8, *, block_size=None, min_quantized_size=None,
+    keep_fp32=None, scale_dtype=None,
+) -> optax.GradientTransformation:  # fmt: skip
+    """Adam's scaling with 8-bit blockwise moments (bitsandbytes' dynamic maps).
+
+    ``m`` uses the signed dynamic map, ``v`` the unsigned one (:func:`dynamic_map`), blocks
+    of 256 along the last axis with per-block absmax. A nonzero ``m`` never flips sign on
+    re-quantization. Block absmax is stored as bfloat16 rounded up by default (2 bytes
+    per 256 values, 2.016 bytes/param); ``scale_dtype=jnp.float32`` stores bitsandbytes'
+    exact float32 absmax (2.031 bytes/param). Drop-in for ``optax.scale_by_adam``.
+    {args}
+    Returns:
+        An ``optax.GradientTransformation`` with :class:`QuantizedAdamState`.
+
+    Example:
+        >>> import optax, jax.numpy as jnp
+        >>> tx = optax.chain(scale_by_adam_8bit(), optax.scale(-1e-3))
+        >>> params = {{"w": jnp.ones((64, 128))}}
+        >>> state = tx.init(params)
+        >>> upd, state = tx.update(params, state)
+        >>> upd["w"].shape
+        (64, 128)
+    """
+    return _scale_by_adam(
+        b1, b2, eps, _codecs_8bit(block_size, scale_dtype),
+        keep_fp32=keep_fp32, min_quantized_size=min_quantized_size,
+    )  # fmt: skip
+
+
+def scale_by_adam_4bit(
+    b1=0.9, b2=0.999, eps=1e-8, *, block_size=None, min_quantized_size=None,
+    keep_fp32=None, scale_dtype=None,
+) -> optax.GradientTransformation:  # fmt: skip
+    """Adam's scaling with 4-bit moments (Li et al. 2023), two codes per byte.
+
+    ``m``: blocks of 128 along the last axis, 16-value signed dynamic map
+    (:func:`dynamic_map_4bit`), no sign flips. ``v``: the linear map without zero
+    ``{{1/16, ..., 1}}`` (:func:`linear_map_4bit`), normalized per element by
+    ``min(row_max, col_max)`` over the last two axes (rank-1 normalization) for
+    parameters with >= 2 axes, by block absmax (blocks of 128) for vectors.
+    {args}
+    Returns:
+        An ``optax.GradientTransformation`` with :class:`QuantizedAdamState`.
+
+    Example:
+        >>> import optax, jax.numpy as jnp
+        >>> tx = optax.chain(scale_by_adam_4bit(), optax.scale(-1e-3))
+        >>> state = tx.init({{"w": jnp.ones((64, 128))}})
+        >>> state[0].nu["w"].codes.shape
+        (64, 64)
+    """
+    return _scale_by_adam(
+        b1, b2, eps, _codecs_4bit(block_size, scale_dtype),
+        keep_fp32=keep_fp32, min_quantized_size=min_quantized_size,
+    )  # fmt: skip
+
+
+def scale_by_adam_fp8(
+    b1=0.9, b2=0.999, eps=1e-8, *, block_size=None, min_quantized_size=None,
+    keep_fp32=None, scale_dtype=None,
+) -> optax.GradientTransformation:  # fmt: skip
+    """Adam's scaling with both moments stored as blockwise E4M3.
+
+    Blocks of 256 along the last axis, ``scale = absmax / 448`` per block, values
+    ``E4M3(x / scale)`` rounded to nearest even (float8_e4m3fn storage).
+    {args}
+    Returns:
+        An ``optax.GradientTransformation`` with :class:`QuantizedAdamState`.
+
+    Example:
+        >>> import optax, jax.numpy as jnp
+        >>> state = scale_by_adam_fp8().init({{"w": jnp.ones((64, 256))}})
+        >>> state.mu["w"].codes.dtype
+        dtype(float8_e4m3fn)
+    """
+    return _scale_by_adam(
+        b1, b2, eps, _codecs_fp8(block_size, scale_dtype),
+        keep_fp32=keep_fp32, min_quantized_size=min_quantized_size,
+    )  # fmt: skip
+
+
+scale_by_adam_8bit.__doc__ = scale_by_adam_8bit.__doc__.format(
+    args=_COMMON_ARGS.format(bs=256, sd="bfloat16"))
+scale_by_adam_4bit.__doc__ = scale_by_adam_4bit.__doc__.format(
+    args=_COMMON_ARGS.format(bs=128, sd="float32"))
+scale_by_adam_fp8.__doc__ = scale_by_adam_fp8.__doc__.format(
+    args=_COMMON_ARGS.format(bs=256, sd="bfloat16"))
+
+
+def _adamw(scale_by, learning_rate, b1, b2, eps, weight_decay, mask, kw):
+    parts = [scale_by(b1, b2, eps, **kw)]
+    if weight_decay is not None:
+        parts.append(optax.add_decayed_weights(weight_decay, mask))
+    parts.append(optax.scale_by_learning_rate(learning_rate))
+    return optax.chain(*parts)
+
+
+def adam_8bit(
+    learning_rate, b1=0.9, b2=0.999, eps=1e-8, *, block_size=None,
+    min_quantized_size=None, keep_fp32=None, scale_dtype=None,
+) -> optax.GradientTransformation:  # fmt: skip
+    """Adam with 8-bit moments: ``chain(scale_by_adam_8bit(...), scale_by_learning_rate)``.
+
+    Args:
+        learning_rate: float, array or optax schedule (``step -> lr``).
+        b1, b2, eps, block_size, min_quantized_size, keep_fp32, scale_dtype: as
+            :func:`scale_by_adam_8bit`.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> tx = adam_8bit(1e-3)
+        >>> state = tx.init({"w": jnp.zeros((128, 64))})
+    """
+    kw = dict(block_size=block_size, min_quantized_size=min_quantized_size,
+              keep_fp32=keep_fp32, scale_dtype=scale_dtype)  # fmt: skip
+    return _adamw(scale_by_adam_8bit, learning_rate, b1, b2, eps, None, None, kw)
+
+
+_ADAMW_DOC = """{title}
+
+    ``optax.adamw`` semantics: ``chain(scale_by_adam_{kind}(b1, b2, eps, ...),
+    add_decayed_weights(weight_decay, mask), scale_by_learning_rate(learning_rate))``.
+    {detail}
+    Args:
+        learning_rate: float, array or optax schedule (``step -> lr``).
+        b1: decay of the first moment.
+        b2: decay of the second moment.
+        eps: added to ``sqrt(v_hat)``.
+        weight_decay: decoupled weight decay ``lambda``: the update gets ``-lr * lambda * p``.
+        mask: pytree of bools or callable ``params -> pytree`` choosing which parameters
+            decay (as ``optax.adamw``; with ``optax.inject_hyperparams`` pass
+            ``static_args=('mask', 'keep_fp32')`` when these are callables).
+        block_size, min_quantized_size, keep_fp32, scale_dtype: as
+            :func:`scale_by_adam_{kind}`.
+
+    Returns:
+        An ``optax.GradientTransformation`` (state: a tuple of NamedTuples).
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> params = {{"w": jnp.ones((256, 256)), "b": jnp.zeros((256,))}}
+        >>> tx = adamw_{kind}(1e-3, weight_decay=0.1)
+        >>> state = tx.init(params)
+        >>> grads = jax.tree.map(jnp.ones_like, params)
+        >>> updates, state = jax.jit(tx.update)(grads, state, params)
+    """
+
+
+def adamw_8bit(
+    learning_rate, b1=0.9, b2=0.999, eps=1e-8, weight_decay=1e-2, mask=None, *,
+    block_size=None, min_quantized_size=None, keep_fp32=None, scale_dtype=None,
+) -> optax.GradientTransformation:  # fmt: skip
+    kw = dict(block_size=block_size, min_quantized_size=min_quantized_size,
+              keep_fp32=keep_fp32, scale_dtype=scale_dtype)  # fmt: skip
+    return _adamw(scale_by_adam_8bit, learning_rate, b1, b2, eps, weight_decay, mask, kw)
+
+
+def adamw_4bit(
+    learning_rate, b1=0.9, b2=0.999, eps=1e-8, weight_decay=1e-2, mask=None, *,
+    block_size=None, min_quantized_size=None, keep_fp32=None, scale_dtype=None,
+) -> optax.GradientTransformation:  # fmt: skip
+    kw = dict(block_size=block_size, min_quantized_size=min_quantized_size,
+              keep_fp32=keep_fp32, scale_dtype=scale_dtype)  # fmt: skip
+    return _adamw(scale_by_adam_4bit, learning_rate, b1, b2, eps, weight_decay, mask, kw)
+
+
+def adamw_fp8(
+    learning_rate, b1=0.9, b2=0.999, eps=1e-8, weight_decay=1e-2, mask=None, *,
+    block_size=None, min_quantized_size=None, keep_fp32=None, scale_dtype=None,
+) -> optax.GradientTransformation:  # fmt: skip
+    kw = dict(block_size=block_size, min_quantized_size=min_quantized_size,
+              keep_fp32=keep_fp32, scale_dtype=scale_dtype)  # fmt: skip
+    return _adamw(scale_by_adam_fp8, learning_rate, b1, b2, eps, weight_decay, mask, kw)
+
+
+adamw_8bit.__doc__ = _ADAMW_DOC.format(
+    title="AdamW with 8-bit blockwise moments (about 2 bytes of state per parameter).",
+    kind="8bit", detail="Moments as in :func:`scale_by_adam_8bit`.\n")
+adamw_4bit.__doc__ = _ADAMW_DOC.format(
+    title="AdamW with 4-bit moments (about 1 byte of state per parameter).",
+    kind="4bit", detail="Moments as in :func:`scale_by_adam_4bit` (block 128).\n")
+adamw_fp8.__doc__ = _ADAMW_DOC.format(
+    title="AdamW with blockwise E4M3 moments (about 2 bytes of state per parameter).",
+    kind="fp8", detail="Moments as in :func:`scale_by_adam_fp8` (block 256).\n")

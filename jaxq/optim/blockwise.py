@@ -1,0 +1,208 @@
+"""Blockwise quantization with a code map (bitsandbytes-compatible) and its helpers.
+
+Two layouts exist:
+
+* the *flat* layout of :func:`quantize_blockwise` (bitsandbytes'): the tensor is flattened
+  and cut into consecutive blocks of ``block_size`` elements, the last block possibly
+  partial;
+* the *last-axis* layout used for optimizer state: a tensor of shape ``(..., n)`` is padded
+  with zeros to ``(..., n_pad)``, ``n_pad = ceil(n / block_size) * block_size``, and each
+  row is cut into ``n_pad / block_size`` blocks. Blocks never straddle rows, so a tensor
+  sharded along any axis keeps each block on one device (along the last axis: when each
+  shard holds whole blocks). When ``n`` is a multiple of ``block_size`` the two layouts
+  assign the same elements to the same blocks.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxq.optim.maps import CodeBook
+
+__all__ = ["quantize_blockwise", "dequantize_blockwise"]
+
+# Block absmax values below the smallest normal float32 are stored as 0 (the block becomes
+# all zeros): their reciprocal would overflow and denormals may be flushed by the backend.
+TINY = float(np.finfo(np.float32).tiny)
+
+
+def _codebook(code) -> CodeBook:
+    if isinstance(code, CodeBook):
+        return code
+    arr = np.asarray(code)
+    if arr.ndim != 1 or arr.size < 2 or not np.all(np.diff(arr.astype(np.float64)) > 0):
+        raise ValueError(
+            f"code: expected a 1-D ascending map of >= 2 values, got shape {arr.shape}"
+        )
+    return _cached_book(arr.astype(np.float32).tobytes())
+
+
+_BOOKS: dict[bytes, CodeBook] = {}
+
+
+def _cached_book(key: bytes) -> CodeBook:
+    if key not in _BOOKS:
+        _BOOKS[key] = CodeBook.of("custom", np.frombuffer(key, np.float32))
+    return _BOOKS[key]
+
+
+def _check_block(block_size) -> int:
+    if isinstance(block_size, bool) or not isinstance(block_size, (int, np.integer)):
+        raise TypeError(f"block_size: expected a positive int, got {block_size!r}")
+    if block_size < 1:
+        raise ValueError(f"block_size: expected a positive int, got {block_size}")
+    return int(block_size)
+
+
+def normalize(xb: jax.Array, absmax: jax.Array) -> jax.Array:
+    """``xb * (1 / absmax)`` per block (as bitsandbytes); blocks with absmax 0 give 0."""
+    safe = jnp.where(absmax > 0, absmax, 1.0)
+    return xb * (1.0 / safe)[..., None]
+
+
+def block_absmax(xb: jax.Array) -> jax.Array:
+    """Max of ``|xb|`` over the last axis, with sub-normal results flushed to 0."""
+    a = jnp.max(jnp.abs(xb), axis=-1)
+    return jnp.where(a >= TINY, a, 0.0)
+
+
+def quantize_blockwise(x, code, *, block_size: int = 256):
+    """Blockwise quantization with a code map, as ``bitsandbytes.functional.quantize_blockwise``.
+
+    The tensor is flattened and cut into blocks of ``block_size`` consecutive elements (the
+    last block may be partial). For block ``b`` with ``absmax_b = max |x_i|``, element
+    ``x_i`` is stored as the index of the nearest map value to ``x_i * (1 / absmax_b)``
+    (ties to the lower index). A block whose absmax is 0 (or below the smallest normal
+    float32, ``1.2e-38``) is stored as zeros with absmax 0. Inputs must be finite: a NaN
+    propagates into its block's absmax (and so becomes visible on dequantization).
+
+    Args:
+        x: array of any shape and float dtype.
+        code: the map, e.g. ``dynamic_map(signed=True)`` (<= 256 ascending values).
+        block_size: elements per block.
+
+    Returns:
+        ``(codes, absmax)``: ``codes`` uint8 of ``x``'s shape, ``absmax`` float32 of shape
+        ``(ceil(x.size / block_size),)``.
+
+    Example:
+        >>> from jaxq.optim import dynamic_map
+        >>> x = jnp.linspace(-1.0, 1.0, 1000)
+        >>> codes, absmax = quantize_blockwise(x, dynamic_map(True))
+        >>> codes.dtype, absmax.shape
+        (dtype('uint8'), (4,))
+    """
+    book = _codebook(code)
+    if book.values.size > 256:
+        raise ValueError(f"code: expected at most 256 values, got {book.values.size}")
+    block_size = _check_block(block_size)
+    x = jnp.asarray(x)
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise TypeError(f"x: expected a floating array, got dtype {x.dtype}")
+    flat = x.reshape(-1).astype(jnp.float32)
+    n = flat.size
+    nb = -(-n // block_size)
+    xb = jnp.pad(flat, (0, nb * block_size - n)).reshape(nb, block_size)
+    amax = jnp.max(jnp.abs(xb), axis=-1)
+    amax = jnp.where(amax >= TINY, amax, jnp.where(jnp.isnan(amax), amax, 0.0))
+    idx = book.encode(jnp.nan_to_num(normalize(xb, amax)))
+    codes = idx.reshape(-1)[:n].astype(jnp.uint8).reshape(x.shape)
+    return codes, amax
+
+
+def dequantize_blockwise(codes, absmax, code, shape, *, block_size: int = 256):
+    """Inverse of :func:`quantize_blockwise`: ``code[codes] * absmax[block]`` (float32).
+
+    Args:
+        codes: uint8 codes (any shape with ``prod(shape)`` elements).
+        absmax: float32 block maxima, ``ceil(prod(shape) / block_size)`` of them.
+        code: the map used to quantize.
+        shape: shape of the result.
+        block_size: elements per block.
+
+    Returns:
+        float32 array of ``shape``.
+
+    Raises:
+        ValueError: when the sizes of ``codes`` or ``absmax`` do not match ``shape``.
+
+    Example:
+        >>> from jaxq.optim import dynamic_map
+        >>> x = jnp.linspace(-1.0, 1.0, 1000)
+        >>> c, a = quantize_blockwise(x, dynamic_map(True))
+        >>> y = dequantize_blockwise(c, a, dynamic_map(True), x.shape)
+        >>> bool(jnp.max(jnp.abs(y - x)) < 0.01)
+        True
+    """
+    book = _codebook(code)
+    block_size = _check_block(block_size)
+    shape = tuple(int(s) for s in shape)
+    n = int(np.prod(shape, dtype=np.int64))
+    codes = jnp.asarray(codes)
+    absmax = jnp.asarray(absmax)
+    nb = -(-n // block_size)
+    if codes.size != n:
+        raise ValueError(f"codes: expected {n} elements for shape {shape}, got {codes.shape}")
+    if absmax.size != nb:
+        raise ValueError(
+            f"absmax: expected {nb} blocks of {block_size} for shape {shape}, "
+            f"got shape {absmax.shape}"
+        )
+    vals = book.decode(codes.reshape(-1))
+    vals = jnp.pad(vals, (0, nb * block_size - n)).reshape(nb, block_size)
+    out = vals * absmax.reshape(nb, 1).astype(jnp.float32)
+    return out.reshape(-1)[:n].reshape(shape)
+
+
+# ----------------------------------------------------------------- last-axis layout helpers
+
+
+def padded_len(n: int, block_size: int) -> int:
+    """``n`` rounded up to a multiple of ``block_size``."""
+    return -(-n // block_size) * block_size
+
+
+def to_blocks(x: jax.Array, block_size: int) -> jax.Array:
+    """``(..., n)`` -> ``(..., n_pad / block_size, block_size)``, zero-padded."""
+    n = x.shape[-1]
+    pad = padded_len(n, block_size) - n
+    if pad:
+        x = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, pad)])
+    return x.reshape(*x.shape[:-1], -1, block_size)
+
+
+def from_blocks(xb: jax.Array, n: int) -> jax.Array:
+    """Inverse of :func:`to_blocks`: ``(..., nb, B)`` -> ``(..., n)``."""
+    x = xb.reshape(*xb.shape[:-2], -1)
+    return x[..., :n] if x.shape[-1] != n else x
+
+
+def round_up_scale(a: jax.Array, dtype) -> jax.Array:
+    """Stores non-negative float32 ``a`` in ``dtype``, rounding up (never below ``a``).
+
+    For bfloat16 the float32 bit pattern is rounded up to a multiple of ``2**16``, so the
+    stored scale is the smallest bfloat16 ``>= a`` and ``|x| / scale <= 1`` still holds.
+    """
+    dtype = jnp.dtype(dtype)
+    if dtype == jnp.float32:
+        return a.astype(jnp.float32)
+    if dtype != jnp.bfloat16:
+        raise ValueError(f"scale_dtype: expected float32 or bfloat16, got {dtype}")
+    bits = jax.lax.bitcast_convert_type(a.astype(jnp.float32), jnp.uint32)
+    up = (bits + jnp.uint32(0xFFFF)) & jnp.uint32(0xFFFF0000)
+    return jax.lax.bitcast_convert_type(up, jnp.float32).astype(jnp.bfloat16)
+
+
+def pack4(idx: jax.Array) -> jax.Array:
+    """Packs 4-bit indices ``(..., 2k)`` into bytes ``(..., k)``: ``lo | hi << 4``."""
+    pairs = idx.astype(jnp.uint8).reshape(*idx.shape[:-1], -1, 2)
+    return pairs[..., 0] | (pairs[..., 1] << 4)
+
+
+def unpack4(packed: jax.Array) -> jax.Array:
+    """Inverse of :func:`pack4`: bytes ``(..., k)`` -> int32 indices ``(..., 2k)``."""
+    lo = packed & jnp.uint8(0x0F)
+    hi = packed >> 4
+    return jnp.stack([lo, hi], axis=-1).reshape(*packed.shape[:-1], -1).astype(jnp.int32)

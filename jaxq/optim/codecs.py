@@ -1,0 +1,213 @@
+"""Storage formats ("codecs") for one optimizer moment of one parameter.
+
+A codec turns a float32 moment of the parameter's shape into a small ``NamedTuple`` of
+arrays and back. Blockwise codecs use the last-axis layout of :mod:`jaxq.optim.blockwise`:
+for a parameter of shape ``(..., n)`` the codes have shape ``(..., n_pad)`` (8 bits) or
+``(..., n_pad / 2)`` (4 bits, two codes per byte, the even element in the low nibble) and
+the block scales ``(..., n_pad / block_size)`` -- the same rank as the parameter, so the
+parameter's ``PartitionSpec`` applies to every state array unchanged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxq import formats
+from jaxq.optim import blockwise as bw
+from jaxq.optim.maps import CodeBook
+
+__all__ = ["QuantizedMoment", "Rank1Moment", "BlockCodec", "FP8Codec", "Rank1Codec"]
+
+
+class QuantizedMoment(NamedTuple):
+    """A blockwise-quantized moment (last-axis blocks).
+
+    Attributes:
+        codes: uint8 map indices ``(..., n_pad)``, packed ``(..., n_pad / 2)`` for 4-bit
+            maps, or float8_e4m3fn values for FP8.
+        absmax: per-block scale ``(..., n_pad / block_size)`` (absmax; for FP8 absmax/448).
+    """
+
+    codes: jax.Array
+    absmax: jax.Array
+
+
+class Rank1Moment(NamedTuple):
+    """A 4-bit moment normalized by ``min(row_max, col_max)`` over the last two axes.
+
+    Attributes:
+        codes: packed 4-bit indices ``(..., r, ceil(c / 2))``.
+        row_max: float32 ``(..., r)``, max over the last axis.
+        col_max: float32 ``(..., c)``, max over the second-to-last axis.
+    """
+
+    codes: jax.Array
+    row_max: jax.Array
+    col_max: jax.Array
+
+
+def _e4m3(x: jax.Array) -> jax.Array:
+    """Round-to-nearest-even, saturating cast to E4M3 (stored as float8_e4m3fn)."""
+    fmt = formats.E4M3
+    return jnp.clip(x, -fmt.max, fmt.max).astype(fmt.dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockCodec:
+    """Blockwise absmax quantization onto a code map (8-bit, or 4-bit packed).
+
+    ``encode``: per block ``absmax = max |x|``, stored rounded up in ``scale_dtype``;
+    index of the nearest map value to ``x / absmax``. With ``sign_fix``, a code whose value
+    has the other sign than a nonzero ``x`` moves one step toward ``x``'s sign (as
+    bitsandbytes does for first moments), so no moment flips sign or collapses from
+    negative to zero.
+    """
+
+    book: CodeBook
+    block_size: int
+    bits: int = 8
+    sign_fix: bool = False
+    scale_dtype: Any = jnp.float32
+
+    def init(self, shape) -> QuantizedMoment:
+        *lead, n = shape
+        npad = bw.padded_len(n, self.block_size)
+        z = self.book.zero_index
+        fill = z | (z << 4) if self.bits == 4 else z
+        codes = jnp.full((*lead, npad * self.bits // 8), fill, jnp.uint8)
+        absmax = jnp.zeros((*lead, npad // self.block_size), self.scale_dtype)
+        return QuantizedMoment(codes, absmax)
+
+    def dims(self, ndim: int) -> QuantizedMoment:
+        same = tuple(range(ndim))
+        return QuantizedMoment(same, same)
+
+    def decode(self, q: QuantizedMoment, shape) -> jax.Array:
+        idx = bw.unpack4(q.codes) if self.bits == 4 else q.codes
+        vals = self.book.decode(idx)
+        vals = vals.reshape(*vals.shape[:-1], -1, self.block_size)
+        x = vals * q.absmax.astype(jnp.float32)[..., None]
+        return bw.from_blocks(x, shape[-1])
+
+    def encode(self, x: jax.Array) -> QuantizedMoment:
+        xb = bw.to_blocks(x, self.block_size)
+        amax = bw.round_up_scale(bw.block_absmax(xb), self.scale_dtype)
+        idx = self.book.encode(bw.normalize(xb, amax.astype(jnp.float32)))
+        if self.sign_fix:
+            val = self.book.decode(idx)
+            idx = idx - ((xb < 0) & (val >= 0)) + ((xb > 0) & (val < 0))
+        idx = idx.reshape(*idx.shape[:-2], -1)
+        codes = bw.pack4(idx) if self.bits == 4 else idx.astype(jnp.uint8)
+        return QuantizedMoment(codes, amax)
+
+
+@dataclasses.dataclass(frozen=True)
+class FP8Codec:
+    """Blockwise E4M3: ``scale = absmax / 448`` per block, codes = ``E4M3(x / scale)`` (RNE)."""
+
+    block_size: int = 256
+    scale_dtype: Any = jnp.float32
+
+    def init(self, shape) -> QuantizedMoment:
+        *lead, n = shape
+        npad = bw.padded_len(n, self.block_size)
+        return QuantizedMoment(
+            jnp.zeros((*lead, npad), formats.E4M3.dtype),
+            jnp.zeros((*lead, npad // self.block_size), self.scale_dtype),
+        )
+
+    def dims(self, ndim: int) -> QuantizedMoment:
+        same = tuple(range(ndim))
+        return QuantizedMoment(same, same)
+
+    def decode(self, q: QuantizedMoment, shape) -> jax.Array:
+        vals = q.codes.astype(jnp.float32).reshape(*q.codes.shape[:-1], -1, self.block_size)
+        return bw.from_blocks(vals * q.absmax.astype(jnp.float32)[..., None], shape[-1])
+
+    def encode(self, x: jax.Array) -> QuantizedMoment:
+        xb = bw.to_blocks(x, self.block_size)
+        scale = bw.block_absmax(xb) / np.float32(formats.E4M3.max)
+        scale = bw.round_up_scale(jnp.where(scale >= bw.TINY, scale, 0.0), self.scale_dtype)
+        codes = _e4m3(bw.normalize(xb, scale.astype(jnp.float32)))
+        return QuantizedMoment(codes.reshape(*codes.shape[:-2], -1), scale)
+
+
+@dataclasses.dataclass(frozen=True)
+class Rank1Codec:
+    """4-bit linear map without zero, normalized by ``min(row_max_i, col_max_j)``.
+
+    For a non-negative moment ``v`` of shape ``(..., r, c)``: ``R_i = max_j v_ij``,
+    ``C_j = max_i v_ij``, ``N_ij = min(R_i, C_j)`` and the code of ``v_ij / N_ij`` on the
+    map ``{1/16, ..., 16/16}`` (Li et al. 2023). Since ``N_ij >= v_ij``, the ratio is in
+    ``[0, 1]``; a zero ``N_ij`` decodes to 0.
+    """
+
+    book: CodeBook
+
+    def init(self, shape) -> Rank1Moment:
+        *lead, r, c = shape
+        return Rank1Moment(
+            jnp.zeros((*lead, r, (c + 1) // 2), jnp.uint8),
+            jnp.zeros((*lead, r), jnp.float32),
+            jnp.zeros((*lead, c), jnp.float32),
+        )
+
+    def dims(self, ndim: int) -> Rank1Moment:
+        return Rank1Moment(
+            tuple(range(ndim)),
+            tuple(range(ndim - 1)),
+            tuple(range(ndim - 2)) + (ndim - 1,),
+        )
+
+    def _norm(self, row, col):
+        return jnp.minimum(row[..., :, None], col[..., None, :])
+
+    def decode(self, q: Rank1Moment, shape) -> jax.Array:
+        idx = bw.unpack4(q.codes)[..., : shape[-1]]
+        return self.book.decode(idx) * self._norm(q.row_max, q.col_max)
+
+    def encode(self, x: jax.Array) -> Rank1Moment:
+        row = jnp.max(x, axis=-1)
+        col = jnp.max(x, axis=-2)
+        row = jnp.where(row >= bw.TINY, row, 0.0)
+        col = jnp.where(col >= bw.TINY, col, 0.0)
+        norm = self._norm(row, col)
+        ratio = x / jnp.where(norm > 0, norm, 1.0)
+        idx = self.book.encode(ratio)
+        if x.shape[-1] % 2:
+            idx = jnp.pad(idx, [(0, 0)] * (idx.ndim - 1) + [(0, 1)])
+        return Rank1Moment(bw.pack4(idx), row, col)
+
+
+def place_like(param, state, dims):
+    """Puts each array of ``state`` on ``param``'s mesh with the matching partition.
+
+    ``dims`` gives, per state array, the parameter axis each of its axes follows. Works on
+    concrete arrays with a ``NamedSharding``; anything else is returned unchanged.
+    """
+    sharding = getattr(param, "sharding", None)
+    if isinstance(param, jax.core.Tracer) or not isinstance(sharding, jax.sharding.NamedSharding):
+        return state
+    spec = tuple(sharding.spec) + (None,) * (param.ndim - len(sharding.spec))
+    mesh = sharding.mesh
+
+    def size(axes):
+        if axes is None:
+            return 1
+        axes = axes if isinstance(axes, tuple) else (axes,)
+        return int(np.prod([mesh.shape[a] for a in axes]))
+
+    def put(arr, arr_dims):
+        parts = []
+        for d, pd in zip(range(arr.ndim), arr_dims, strict=True):
+            axes = spec[pd]
+            parts.append(axes if arr.shape[d] % size(axes) == 0 else None)
+        spec_ = jax.sharding.PartitionSpec(*parts)
+        return jax.device_put(arr, jax.sharding.NamedSharding(mesh, spec_))
+
+    return type(state)(*(put(a, d) for a, d in zip(state, dims, strict=True)))
