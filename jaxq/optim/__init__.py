@@ -29,12 +29,22 @@ from jaxq.optim.blockwise import dequantize_blockwise, quantize_blockwise
 from jaxq.optim.codecs import QuantizedMoment, Rank1Moment
 from jaxq.optim.common import STABLE_EMBEDDING_NAME, is_stable_embedding, state_nbytes
 from jaxq.optim.maps import build_dynamic_map, dynamic_map, dynamic_map_4bit, linear_map_4bit
+from jaxq.optim.momentum import (
+    QuantizedMomentumState,
+    lion_8bit,
+    scale_by_lion_8bit,
+    sgd_8bit,
+    trace_8bit,
+)
+from jaxq.optim.stable_embed import StableEmbed
 
 __all__ = [
     "QuantizedAdamState",
     "QuantizedMoment",
+    "QuantizedMomentumState",
     "Rank1Moment",
     "STABLE_EMBEDDING_NAME",
+    "StableEmbed",
     "adam_8bit",
     "adamw_4bit",
     "adamw_8bit",
@@ -45,9 +55,13 @@ __all__ = [
     "dynamic_map_4bit",
     "is_stable_embedding",
     "linear_map_4bit",
+    "lion_8bit",
     "quantize_blockwise",
     "scale_by_adam_4bit",
     "scale_by_adam_8bit",
     "scale_by_adam_fp8",
+    "scale_by_lion_8bit",
+    "sgd_8bit",
     "state_nbytes",
+    "trace_8bit",
 ]

@@ -60,7 +60,7 @@ def dynamic_map(signed: bool) -> np.ndarray:
     Example:
         >>> m = dynamic_map(signed=True)
         >>> m.shape, float(m[0]), float(m[127]), float(m[-1])
-        ((256,), -0.9931640625, 0.0, 1.0)
+        ((256,), -0.992968738079071, 0.0, 1.0)
     """
     if not isinstance(signed, (bool, np.bool_)):
         raise TypeError(f"signed: expected a bool, got {type(signed).__name__}")
