@@ -1,0 +1,314 @@
+"""Scalify rules for shape, indexing, reduction and contraction primitives.
+
+Shape and indexing ops move data and keep the scale (``transpose``, ``squeeze``,
+``broadcast_in_dim``, ``rev`` and block-aligned ``slice`` move a per-block scale along
+with the data; the others first fall back to a scalar scale). Ops that combine several
+operands (``concatenate``, ``pad``, ``dynamic_update_slice``, ``scatter``) use the common
+scale ``max(s_i)``; ``scatter-add`` uses the ``add`` scale ``r(sqrt(sa^2 + sb^2))``.
+
+Sums grow the scale by ``r(sqrt(N))`` (``N`` elements summed) and divide the data by it
+*before* summing, so narrow data does not overflow: ``reduce_sum`` (``N`` = product of
+the reduced axes) and ``cumsum`` (``N`` = axis length). ``reduce_max``/``reduce_min``/
+``cummax``/``cummin`` keep the scale; ``argmax``/``argmin`` return plain indices.
+
+``dot_general`` and ``conv_general_dilated``: ``s = sa * sb * r(sqrt(K))`` with ``K``
+the contracted size (for a convolution: input features per group times the kernel's
+spatial size), data ``(da . db) / r(sqrt(K))`` accumulated in float32 when the output
+dtype is narrower. A per-block scale that varies only along free (non-contracted,
+non-batch) axes carries through to the output (MX-style per-row/per-column scaling);
+variation along contracted or batch axes is first folded into the data.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.extend.core import primitives as P
+
+from jaxq.scaled.array import ScaledArray, expand_scale, is_scaled, to_scalar_scale
+from jaxq.scaled.registry import _register_builtin
+from jaxq.scaled.rules_elementwise import _wide, common_scale, rescale
+from jaxq.scaled.scales import add_scale, pow2_round
+
+__all__ = ["sqrt_n_scale"]
+
+
+def sqrt_n_scale(n: int) -> float:
+    """``r(sqrt(n))`` as a Python float (a power of two), e.g. ``sqrt_n_scale(64) == 8``."""
+    return float(pow2_round(np.float32(math.sqrt(max(n, 1)))))
+
+
+def _scale_shape(x) -> tuple[int, ...]:
+    return tuple(jnp.shape(x.scale))
+
+
+def _is_blocked(x) -> bool:
+    return is_scaled(x) and jnp.ndim(x.scale) > 0 and int(np.prod(_scale_shape(x))) > 1
+
+
+def _scalar_if_trivial(x):
+    """A block scale with a single element becomes a scalar scale."""
+    if is_scaled(x) and jnp.ndim(x.scale) > 0 and int(np.prod(_scale_shape(x))) == 1:
+        return ScaledArray.tree_unflatten(None, (x.data, jnp.reshape(x.scale, ())))
+    return x
+
+
+def _bind_keep(prim):
+    """Rule for ops that only move data: same op on the data, same (scalar) scale."""
+
+    def rule(x, *rest, **params):
+        out = prim.bind(x.data, *rest, **params)
+        if prim.multiple_results:
+            return [ScaledArray(o, x.scale) for o in out]
+        return ScaledArray(out, x.scale)
+
+    return rule
+
+
+def _transpose(x, *, permutation):
+    s = x.scale if jnp.ndim(x.scale) == 0 else jnp.transpose(x.scale, permutation)
+    return ScaledArray(lax.transpose(x.data, permutation), s)
+
+
+def _squeeze(x, *, dimensions):
+    s = x.scale if jnp.ndim(x.scale) == 0 else lax.squeeze(x.scale, dimensions)
+    return ScaledArray(lax.squeeze(x.data, dimensions), s)
+
+
+def _rev(x, *, dimensions):
+    s = x.scale if jnp.ndim(x.scale) == 0 else lax.rev(x.scale, dimensions)
+    return ScaledArray(lax.rev(x.data, dimensions), s)
+
+
+def _broadcast_in_dim(x, *dyn, shape, broadcast_dimensions, **params):
+    d = P.broadcast_in_dim_p.bind(
+        x.data, *dyn, shape=shape, broadcast_dimensions=broadcast_dimensions, **params
+    )
+    s = x.scale
+    if jnp.ndim(s) > 0:
+        new = [1] * len(shape)
+        for i, j in enumerate(broadcast_dimensions):
+            new[j] = s.shape[i] if x.shape[i] == shape[j] else 1
+        s = jnp.reshape(s, new)
+    return ScaledArray(d, s)
+
+
+def _slice(x, *, start_indices, limit_indices, strides):
+    d = lax.slice(x.data, start_indices, limit_indices, strides)
+    if jnp.ndim(x.scale) == 0:
+        return ScaledArray(d, x.scale)
+    blocks = x.block_shape
+    starts, limits = [], []
+    for ax, (a, b, n) in enumerate(zip(start_indices, limit_indices, blocks, strict=True)):
+        ns = _scale_shape(x)[ax]
+        step = 1 if strides is None else strides[ax]
+        if ns == 1:
+            starts.append(0), limits.append(1)
+        elif n == 1 and step == 1:
+            starts.append(a), limits.append(b)
+        elif step == 1 and a % n == 0 and b % n == 0:
+            starts.append(a // n), limits.append(b // n)
+        else:
+            return _slice(
+                to_scalar_scale(x),
+                start_indices=start_indices,
+                limit_indices=limit_indices,
+                strides=strides,
+            )
+    return ScaledArray(d, lax.slice(x.scale, starts, limits))
+
+
+def _common(prim, n_scaled_first: int | None = None):
+    """Rule for ops combining operands in a common scale; operands after
+    ``n_scaled_first`` (indices) pass through unchanged."""
+
+    def rule(*args, **params):
+        ops = args if n_scaled_first is None else args[:n_scaled_first]
+        rest = () if n_scaled_first is None else args[n_scaled_first:]
+        s = common_scale(*ops)
+        dtype = next(o.dtype for o in ops if is_scaled(o))
+        return ScaledArray(prim.bind(*[rescale(o, s, dtype) for o in ops], *rest, **params), s)
+
+    return rule
+
+
+def _pad(x, padding_value, **params):
+    s = common_scale(x, padding_value)
+    dtype = x.dtype if is_scaled(x) else padding_value.dtype
+    return ScaledArray(
+        P.pad_p.bind(rescale(x, s, dtype), rescale(padding_value, s, dtype), **params), s
+    )
+
+
+def _scatter_common(prim):
+    def rule(operand, indices, updates, **params):
+        s = common_scale(operand, updates)
+        dtype = operand.dtype if is_scaled(operand) else updates.dtype
+        return ScaledArray(
+            prim.bind(rescale(operand, s, dtype), indices, rescale(updates, s, dtype), **params),
+            s,
+        )
+
+    return rule
+
+
+def _scatter_add(operand, indices, updates, **params):
+    if is_scaled(operand) and is_scaled(updates):
+        s = add_scale(operand.scale, updates.scale)
+    else:
+        s = operand.scale if is_scaled(operand) else updates.scale
+    dtype = operand.dtype if is_scaled(operand) else updates.dtype
+    d = P.scatter_add_p.bind(
+        rescale(operand, s, dtype), indices, rescale(updates, s, dtype), **params
+    )
+    return ScaledArray(d, s)
+
+
+def _dynamic_update_slice(operand, update, *indices, **params):
+    s = common_scale(operand, update)
+    dtype = operand.dtype if is_scaled(operand) else update.dtype
+    d = P.dynamic_update_slice_p.bind(
+        rescale(operand, s, dtype), rescale(update, s, dtype), *indices, **params
+    )
+    return ScaledArray(d, s)
+
+
+# -- reductions ------------------------------------------------------------------------
+def _reduce_scale(x, axes):
+    """Scale after removing ``axes``; falls back to a scalar scale when it varies there."""
+    if jnp.ndim(x.scale) == 0:
+        return x, x.scale
+    if any(_scale_shape(x)[a] != 1 for a in axes):
+        x = to_scalar_scale(x)
+        return x, x.scale
+    return x, jnp.squeeze(x.scale, axis=tuple(axes))
+
+
+def _reduce_sum(x, *, axes, **params):
+    x, s = _reduce_scale(x, axes)
+    k = sqrt_n_scale(int(np.prod([x.shape[a] for a in axes])))
+    d = rescale(ScaledArray.tree_unflatten(None, (x.data, jnp.float32(1.0 / k))), 1.0)
+    return ScaledArray(P.reduce_sum_p.bind(d, axes=axes, **params), s * k)
+
+
+def _reduce_keep(prim):
+    def rule(x, *, axes, **params):
+        x, s = _reduce_scale(x, axes)
+        return ScaledArray(prim.bind(x.data, axes=axes, **params), s)
+
+    return rule
+
+
+def _arg_reduce(prim):
+    def rule(x, **params):
+        return prim.bind(x.data, **params)  # scalar scale > 0: order is unchanged
+
+    return rule
+
+
+def _cumsum(x, *, axis, reverse):
+    k = sqrt_n_scale(x.shape[axis])
+    d = rescale(ScaledArray.tree_unflatten(None, (x.data, jnp.float32(1.0 / k))), 1.0)
+    return ScaledArray(P.cumsum_p.bind(d, axis=axis, reverse=reverse), x.scale * k)
+
+
+# -- contractions ----------------------------------------------------------------------
+def _fold_except(x, keep_axes):
+    """Folds the variation of a block scale along axes not in ``keep_axes`` into data."""
+    if not _is_blocked(x):
+        return _scalar_if_trivial(x)
+    fold = [a for a in range(x.ndim) if a not in keep_axes and _scale_shape(x)[a] != 1]
+    if not fold:
+        return x
+    smax = jnp.max(x.scale, axis=tuple(fold), keepdims=True)
+    w = _wide(x.dtype)
+    d = (x.data.astype(w) * expand_scale(x.scale / smax, x.shape).astype(w)).astype(x.dtype)
+    return ScaledArray.tree_unflatten(None, (d, smax))
+
+
+def _narrow_out(dtype) -> bool:
+    return dtype is not None and np.dtype(dtype).itemsize < 4
+
+
+def _dot_general(lhs, rhs, *, dimension_numbers, preferred_element_type=None, **params):
+    (lc, rc), (lb, rb) = dimension_numbers
+    lfree = [a for a in range(np.ndim(lhs.data if is_scaled(lhs) else lhs)) if a not in (*lc, *lb)]
+    rfree = [a for a in range(np.ndim(rhs.data if is_scaled(rhs) else rhs)) if a not in (*rc, *rb)]
+    lhs = _fold_except(lhs, lfree) if is_scaled(lhs) else lhs
+    rhs = _fold_except(rhs, rfree) if is_scaled(rhs) else rhs
+    shape_l = lhs.shape if is_scaled(lhs) else np.shape(lhs)
+    k = sqrt_n_scale(int(np.prod([shape_l[a] for a in lc])))
+    dl = lhs.data if is_scaled(lhs) else lhs
+    dr = rhs.data if is_scaled(rhs) else rhs
+    out_dtype = preferred_element_type
+    acc = jnp.float32 if _narrow_out(out_dtype or dl.dtype) else out_dtype
+    d = P.dot_general_p.bind(
+        dl, dr, dimension_numbers=dimension_numbers, preferred_element_type=acc, **params
+    )
+    final = out_dtype or jnp.result_type(dl.dtype, dr.dtype)
+    d = (d * jnp.asarray(1.0 / k, d.dtype)).astype(final)
+    nb, nlf, nrf = len(lb), len(lfree), len(rfree)
+    scale = jnp.float32(k)
+    for x, free, pre, post in ((lhs, lfree, nb, nrf), (rhs, rfree, nb + nlf, 0)):
+        if is_scaled(x):
+            s = x.scale
+            if jnp.ndim(s) > 0:
+                s = jnp.reshape(s, [1] * pre + [s.shape[a] for a in free] + [1] * post)
+            scale = scale * s
+    return ScaledArray(d, scale)
+
+
+def _conv(lhs, rhs, *, dimension_numbers, preferred_element_type=None, **params):
+    rhs_shape = rhs.shape if is_scaled(rhs) else np.shape(rhs)
+    out_feat_dim = dimension_numbers.rhs_spec[0]
+    k = sqrt_n_scale(int(np.prod(rhs_shape)) // rhs_shape[out_feat_dim])
+    dl = lhs.data if is_scaled(lhs) else lhs
+    dr = rhs.data if is_scaled(rhs) else rhs
+    acc = jnp.float32 if _narrow_out(preferred_element_type or dl.dtype) else preferred_element_type
+    d = P.conv_general_dilated_p.bind(
+        dl, dr, dimension_numbers=dimension_numbers, preferred_element_type=acc, **params
+    )
+    final = preferred_element_type or jnp.result_type(dl.dtype, dr.dtype)
+    d = (d * jnp.asarray(1.0 / k, d.dtype)).astype(final)
+    scale = jnp.float32(k)
+    for x in (lhs, rhs):
+        if is_scaled(x):
+            scale = scale * x.scale
+    return ScaledArray(d, scale)
+
+
+def _top_k(x, **params):
+    vals, idx = P.top_k_p.bind(x.data, **params)
+    return [ScaledArray(vals, x.scale), idx]
+
+
+def _register() -> None:
+    for p in (P.reshape_p, P.dynamic_slice_p, P.gather_p, lax.split_p, P.sharding_constraint_p):
+        _register_builtin(p, _bind_keep(p))
+    _register_builtin(P.transpose_p, _transpose, block_scales=True)
+    _register_builtin(P.squeeze_p, _squeeze, block_scales=True)
+    _register_builtin(P.rev_p, _rev, block_scales=True)
+    _register_builtin(P.broadcast_in_dim_p, _broadcast_in_dim, block_scales=True)
+    _register_builtin(P.slice_p, _slice, block_scales=True)
+    _register_builtin(P.concatenate_p, _common(P.concatenate_p))
+    _register_builtin(P.pad_p, _pad)
+    _register_builtin(P.scatter_p, _scatter_common(P.scatter_p))
+    _register_builtin(P.scatter_add_p, _scatter_add)
+    _register_builtin(P.dynamic_update_slice_p, _dynamic_update_slice)
+    _register_builtin(P.reduce_sum_p, _reduce_sum, block_scales=True)
+    for p in (P.reduce_max_p, P.reduce_min_p):
+        _register_builtin(p, _reduce_keep(p), block_scales=True)
+    for p in (P.argmax_p, P.argmin_p):
+        _register_builtin(p, _arg_reduce(p))
+    _register_builtin(P.cumsum_p, _cumsum)
+    for p in (P.cummax_p, P.cummin_p):
+        _register_builtin(p, _bind_keep(p))
+    _register_builtin(P.dot_general_p, _dot_general, block_scales=True)
+    _register_builtin(P.conv_general_dilated_p, _conv)
+    _register_builtin(P.top_k_p, _top_k)
+
+
+_register()
