@@ -15,6 +15,8 @@ Two layouts exist:
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -101,6 +103,11 @@ def quantize_blockwise(x, code, *, block_size: int = 256):
     x = jnp.asarray(x)
     if not jnp.issubdtype(x.dtype, jnp.floating):
         raise TypeError(f"x: expected a floating array, got dtype {x.dtype}")
+    return _quantize_flat(x, book, block_size)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _quantize_flat(x, book: CodeBook, block_size: int):
     flat = x.reshape(-1).astype(jnp.float32)
     n = flat.size
     nb = -(-n // block_size)
@@ -150,6 +157,13 @@ def dequantize_blockwise(codes, absmax, code, shape, *, block_size: int = 256):
             f"absmax: expected {nb} blocks of {block_size} for shape {shape}, "
             f"got shape {absmax.shape}"
         )
+    return _dequantize_flat(codes, absmax, book, shape, block_size)
+
+
+@functools.partial(jax.jit, static_argnums=(2, 3, 4))
+def _dequantize_flat(codes, absmax, book: CodeBook, shape, block_size: int):
+    n = codes.size
+    nb = absmax.size
     vals = book.decode(codes.reshape(-1))
     vals = jnp.pad(vals, (0, nb * block_size - n)).reshape(nb, block_size)
     out = vals * absmax.reshape(nb, 1).astype(jnp.float32)

@@ -1,0 +1,79 @@
+"""Independent float64 numpy implementation of the quantized optimizer states (for tests).
+
+Written from the algorithm's description, not from jaxq's code: brute-force nearest code
+(``argmin |code - r|``, first index on ties), last-axis blocks padded with zeros, block
+absmax stored rounded up to bfloat16 via ml_dtypes (``nextafter`` when rounding went down).
+"""
+
+from __future__ import annotations
+
+import ml_dtypes
+import numpy as np
+
+TINY = float(np.finfo(np.float32).tiny)
+
+
+def nearest(r: np.ndarray, code: np.ndarray) -> np.ndarray:
+    """Index of the nearest code value for each element (first on ties), chunked."""
+    flat = r.reshape(-1)
+    out = np.empty(flat.shape, np.int64)
+    c = code.astype(np.float64)
+    for i in range(0, flat.size, 1 << 16):
+        chunk = flat[i : i + (1 << 16)]
+        out[i : i + chunk.size] = np.argmin(np.abs(chunk[:, None] - c[None, :]), axis=1)
+    return out.reshape(r.shape)
+
+
+def round_up(a: np.ndarray, scale_dtype: str) -> np.ndarray:
+    """float64 -> stored scale (as float64): float32 nearest, or bfloat16 rounded up."""
+    a32 = a.astype(np.float32)
+    if scale_dtype == "float32":
+        return a32.astype(np.float64)
+    b = a32.astype(ml_dtypes.bfloat16)
+    low = b.astype(np.float64) < a32.astype(np.float64)
+    b = np.where(low, np.nextafter(b, ml_dtypes.bfloat16(np.inf)), b)
+    return b.astype(np.float64)
+
+
+def blocks(x: np.ndarray, bs: int) -> np.ndarray:
+    n = x.shape[-1]
+    npad = -(-n // bs) * bs
+    xp = np.concatenate([x, np.zeros(x.shape[:-1] + (npad - n,), x.dtype)], axis=-1)
+    return xp.reshape(x.shape[:-1] + (npad // bs, bs))
+
+
+def quantize(x, code, bs, *, scale_dtype="bfloat16", sign_fix=False):
+    """(codes (..., n_pad) int, absmax (..., nb) float64) for float64 x (..., n)."""
+    xb = blocks(np.asarray(x, np.float64), bs)
+    amax = np.max(np.abs(xb), axis=-1)
+    amax = np.where(amax >= TINY, amax, 0.0)
+    amax = round_up(amax, scale_dtype)
+    r = xb / np.where(amax > 0, amax, 1.0)[..., None]
+    idx = nearest(r, code)
+    if sign_fix:
+        val = code[idx]
+        idx = idx - ((xb < 0) & (val >= 0)) + ((xb > 0) & (val < 0))
+    return idx.reshape(xb.shape[:-2] + (-1,)), amax
+
+
+def dequantize(idx, amax, code, bs, n):
+    vals = code.astype(np.float64)[idx].reshape(amax.shape + (bs,)) * amax[..., None]
+    return vals.reshape(amax.shape[:-1] + (-1,))[..., :n]
+
+
+def unpack4(packed: np.ndarray) -> np.ndarray:
+    p = np.asarray(packed).astype(np.int64)
+    return np.stack([p & 15, p >> 4], axis=-1).reshape(p.shape[:-1] + (-1,))
+
+
+def adam_step(g, m, v, t, *, lr, b1=0.9, b2=0.999, eps=1e-8, wd=0.0, p=None):
+    """One float64 AdamW step from float moments; returns (update, m, v)."""
+    g = np.asarray(g, np.float64)
+    m = b1 * m + (1 - b1) * g
+    v = b2 * v + (1 - b2) * g * g
+    mh = m / (1 - b1**t)
+    vh = v / (1 - b2**t)
+    u = mh / (np.sqrt(vh) + eps)
+    if wd:
+        u = u + wd * np.asarray(p, np.float64)
+    return -lr * u, m, v
