@@ -7,7 +7,8 @@ of two (:func:`jaxq.scaled.scales.pow2_round`). Plain (unscaled) operands are pr
   output scale (zero contributes nothing); a plain *array* takes the scaled operand's
   scale (it is a constant such as a zero fill, and should not move the scale);
 * in ``mul``/``div``: a plain scalar ``c = m * 2^k`` moves ``2^k`` into the scale and ``m``
-  into the data; a plain array multiplies the data;
+  into the data, with ``|m|`` in [0.5, 1) for a factor and [1, 2) for a divisor so that the
+  data never grows (no overflow at the top of the range); a plain array multiplies the data;
 * in selection-like ops (``max``, ``min``, ``select_n``, ``clamp``, comparisons) every
   operand is expressed in the common scale ``max(s_i)`` of the scaled operands.
 
@@ -136,10 +137,10 @@ def _add_like(prim: Any):
 
 
 # -- mul / div -------------------------------------------------------------------------
-def _as_factor(c: Any, dtype: Any) -> tuple[jax.Array, jax.Array]:
+def _as_factor(c: Any, dtype: Any, grow: bool = False) -> tuple[jax.Array, jax.Array]:
     """A plain operand of mul/div as (data factor, scale factor)."""
     if _is_scalar(c):
-        m, k = pow2_split(c)
+        m, k = pow2_split(c, grow=grow)
         return m.astype(dtype), k
     return jnp.asarray(c).astype(dtype), jnp.float32(1.0)
 
@@ -159,7 +160,7 @@ def _div(a, b, **params):
     if is_scaled(a) and is_scaled(b):
         return ScaledArray(P.div_p.bind(a.data, b.data), a.scale / b.scale)
     if is_scaled(a):
-        m, k = _as_factor(b, a.dtype)
+        m, k = _as_factor(b, a.dtype, grow=True)
         return ScaledArray(P.div_p.bind(a.data, m), a.scale / k)
     m, k = _as_factor(a, b.dtype)
     return ScaledArray(P.div_p.bind(m, b.data), k / b.scale)
@@ -209,9 +210,17 @@ def _pow(x, y, **params):
 
 
 def _log(x, **params):
+    """``log(d * s)``, or ``log(d) + log(s)`` where the product would leave float32's
+    normal range (the scaled world's reason to exist); the direct form is preferred as it
+    avoids cancellation near 1."""
     w = _wide(x.dtype)
-    d = P.log_p.bind(x.data.astype(w), **params) + jnp.log(expand_scale(x.scale, x.shape)).astype(w)
-    return ScaledArray(d.astype(x.dtype), jnp.float32(1.0))
+    s = expand_scale(x.scale, x.shape).astype(w)
+    d = x.data.astype(w)
+    v = d * s
+    direct = jnp.isfinite(v) & (jnp.abs(v) >= jnp.finfo(w).tiny)
+    split = P.log_p.bind(d, **params) + jnp.log(s)
+    out = jnp.where(direct | ~jnp.isfinite(d) | (d == 0), P.log_p.bind(v, **params), split)
+    return ScaledArray(out.astype(x.dtype), jnp.float32(1.0))
 
 
 def _is_finite(x, **params):

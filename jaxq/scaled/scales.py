@@ -105,11 +105,13 @@ def sqrt_split(s: jax.Array) -> tuple[jax.Array, jax.Array]:
     return t, res
 
 
-def pow2_split(c: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Splits a plain number as ``c = m * 2^k`` with ``|m|`` in [2^-0.5, 2^0.5).
+def pow2_split(c: jax.Array, *, grow: bool = False) -> tuple[jax.Array, jax.Array]:
+    """Splits a plain number as ``c = m * 2^k``; returns ``(m, 2^k)``.
 
-    Returns ``(m, 2^k)``; zero and non-finite ``c`` give ``(c, 1)``. Used to move the
-    magnitude of a scalar constant into a scale.
+    ``|m|`` is in ``[0.5, 1)`` (default) or in ``[1, 2)`` with ``grow=True``: multiplying
+    data by the first, or dividing it by the second, never increases its magnitude, so a
+    constant moved into the scale cannot overflow the data. Zero, subnormal and
+    non-finite ``c`` give ``(c, 1)``.
 
     Example:
         >>> m, s = pow2_split(jnp.float32(-24.0))
@@ -119,7 +121,8 @@ def pow2_split(c: jax.Array) -> tuple[jax.Array, jax.Array]:
     c32 = jnp.asarray(c, jnp.float32)
     mag = jnp.abs(c32)
     ok = jnp.isfinite(mag) & (mag >= jnp.finfo(jnp.float32).tiny)
-    s = jnp.where(ok, pow2_round(jnp.where(ok, mag, 1.0)), 1.0)
+    e = _exponent(jnp.where(ok, mag, 1.0)) + (0 if grow else 1)
+    s = jnp.where(ok, _from_exponent(e), 1.0)
     m = jnp.where(ok, c32 / s, c32)
     return m, lax.stop_gradient(s)
 
