@@ -85,6 +85,7 @@ def scale_for_amax(amax: jax.Array, m: float) -> jax.Array:
     largest dequantized value ``fl(m · s)`` maps back to the same ``s``. It is computed with
     multiplications only, because XLA's float division is not correctly rounded on CPU.
     """
+    amax = jax.lax.stop_gradient(amax)  # scales are not differentiated (see fake_quant)
     amax = jnp.where(amax > 0, amax, jnp.float32(m))
     s = amax * jnp.float32(1.0 / m)
     down, up = jnp.float32(-jnp.inf), jnp.float32(jnp.inf)

@@ -12,6 +12,7 @@ neighbouring representable values and ``E[q] = x`` (unbiased).
 
 from __future__ import annotations
 
+import functools
 from typing import Literal
 
 import jax
@@ -175,6 +176,11 @@ def cast(
         raise ValueError(
             f"cast needs an element format, got block format {fmt.name}; use jaxq.quantize"
         )
+    return _cast_jit(x, key, fmt=fmt, rounding=rounding, saturate=saturate)
+
+
+@functools.partial(jax.jit, static_argnames=("fmt", "rounding", "saturate"))
+def _cast_jit(x, key, *, fmt, rounding, saturate):
     if isinstance(fmt, F.FloatFormat):
         return _cast_float(x, fmt, rounding, key, saturate)
     if isinstance(fmt, F.IntFormat):

@@ -24,6 +24,7 @@ silently finite number.
 
 from __future__ import annotations
 
+import functools
 import operator
 
 import jax
@@ -192,6 +193,13 @@ def _nvfp4_codes(xg, red, fmt: F.BlockFormat, calibration, amax, rounding, key):
     return codes, s_b, s_t.astype(jnp.float32)
 
 
+@functools.partial(
+    jax.jit, static_argnames=("fmt", "axis", "block_size", "calibration", "rounding")
+)
+def _quantize_jit(x, key, amax, *, fmt, axis, block_size, calibration, rounding):
+    return _quantize(x, fmt, axis, block_size, calibration, rounding, key, amax)
+
+
 def quantize(
     x: jax.Array,
     fmt: F.Format | str,
@@ -241,6 +249,13 @@ def quantize(
     x = _check_float_input(x)
     fmt = F.get(fmt)
     _check_rounding(rounding, key)
+    if isinstance(axis, list):
+        axis = tuple(axis)
+    return _quantize_jit(x, key, amax, fmt=fmt, axis=axis, block_size=block_size,
+                         calibration=calibration, rounding=rounding)  # fmt: skip
+
+
+def _quantize(x, fmt, axis, block_size, calibration, rounding, key, amax) -> QArray:
     if fmt is F.E8M0:
         raise ValueError("E8M0 is a scale format; quantize to a format that can hold elements")
     shape = tuple(x.shape)
@@ -289,6 +304,11 @@ def dequantize(q: QArray, dtype=None) -> jax.Array:
     if not isinstance(q, QArray):
         raise TypeError(f"dequantize expects a jaxq.QArray, got {type(q)!r}")
     q.validate()
+    return _dequantize_jit(q, dtype=None if dtype is None else np.dtype(dtype))
+
+
+@functools.partial(jax.jit, static_argnames=("dtype",))
+def _dequantize_jit(q: QArray, dtype) -> jax.Array:
     fmt, layout, shape = q.fmt, q.layout, q.shape
     elem = fmt.element if isinstance(fmt, F.BlockFormat) else fmt
     codes = q.codes
