@@ -67,7 +67,11 @@ def unpack4(packed: np.ndarray) -> np.ndarray:
 
 
 def adam_step(g, m, v, t, *, lr, b1=0.9, b2=0.999, eps=1e-8, wd=0.0, p=None):
-    """One float64 AdamW step from float moments; returns (update, m, v)."""
+    """One float64 AdamW step from float moments; returns (update, m, v).
+
+    The hyperparameters are the float32 values the optimizer receives (``float32(0.999)``).
+    """
+    b1, b2, eps = (float(np.float32(h)) for h in (b1, b2, eps))
     g = np.asarray(g, np.float64)
     m = b1 * m + (1 - b1) * g
     v = b2 * v + (1 - b2) * g * g
