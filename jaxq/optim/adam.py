@@ -25,7 +25,7 @@ import optax
 
 from jaxq.optim import codecs as cd
 from jaxq.optim import maps
-from jaxq.optim.common import static_int
+from jaxq.optim.common import scale_dtype_of, static_int
 from jaxq.optim.engine import init_moments, step_moments
 
 __all__ = [
@@ -94,13 +94,9 @@ def _scale_by_adam(b1, b2, eps, codecs, *, keep_fp32, min_quantized_size):
     return optax.GradientTransformation(init_fn, update_fn)
 
 
-def _dtype(scale_dtype, default):
-    return jnp.dtype(default if scale_dtype is None else scale_dtype)
-
-
 def _codecs_8bit(block_size, scale_dtype):
     bs = static_int(256 if block_size is None else block_size, "block_size", minimum=1)
-    sd = _dtype(scale_dtype, jnp.bfloat16)
+    sd = scale_dtype_of(scale_dtype, jnp.bfloat16)
     m = cd.BlockCodec(maps.SIGNED8, bs, 8, sign_fix=True, scale_dtype=sd)
     v = cd.BlockCodec(maps.UNSIGNED8, bs, 8, scale_dtype=sd)
     return lambda ndim: (m, v)
@@ -110,7 +106,7 @@ def _codecs_4bit(block_size, scale_dtype):
     bs = static_int(128 if block_size is None else block_size, "block_size", minimum=2)
     if bs % 2:
         raise ValueError(f"block_size: expected an even int for 4-bit codes, got {bs}")
-    sd = _dtype(scale_dtype, jnp.float32)
+    sd = scale_dtype_of(scale_dtype, jnp.float32)
     m = cd.BlockCodec(maps.SIGNED4, bs, 4, sign_fix=True, scale_dtype=sd)
     v1 = cd.BlockCodec(maps.LINEAR4, bs, 4, scale_dtype=sd)
     v2 = cd.Rank1Codec(maps.LINEAR4)
@@ -119,7 +115,7 @@ def _codecs_4bit(block_size, scale_dtype):
 
 def _codecs_fp8(block_size, scale_dtype):
     bs = static_int(256 if block_size is None else block_size, "block_size", minimum=1)
-    c = cd.FP8Codec(bs, _dtype(scale_dtype, jnp.bfloat16))
+    c = cd.FP8Codec(bs, scale_dtype_of(scale_dtype, jnp.bfloat16))
     return lambda ndim: (c, c)
 
 

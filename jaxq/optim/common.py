@@ -115,6 +115,14 @@ def quantize_mask(
     return jax.tree.map(decide, params, keep)
 
 
+def scale_dtype_of(value, default) -> jnp.dtype:
+    """The block-scale dtype: float32 or bfloat16 (default when None), else ValueError."""
+    dt = jnp.dtype(default if value is None else value)
+    if dt not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)):
+        raise ValueError(f"scale_dtype: expected float32 or bfloat16, got {dt}")
+    return dt
+
+
 def sanitize(g: jax.Array) -> tuple[jax.Array, jax.Array]:
     """float32 gradient with non-finite elements zeroed and ``|g| <= 2**63``, and the mask.
 

@@ -15,7 +15,7 @@ import optax
 
 from jaxq.optim import codecs as cd
 from jaxq.optim import maps
-from jaxq.optim.common import static_int
+from jaxq.optim.common import scale_dtype_of, static_int
 from jaxq.optim.engine import init_moments, step_moments
 
 __all__ = ["QuantizedMomentumState", "scale_by_lion_8bit", "lion_8bit", "trace_8bit", "sgd_8bit"]
@@ -36,7 +36,7 @@ class QuantizedMomentumState(NamedTuple):
 
 def _codecs(block_size, scale_dtype):
     bs = static_int(256 if block_size is None else block_size, "block_size", minimum=1)
-    sd = jnp.dtype(jnp.bfloat16 if scale_dtype is None else scale_dtype)
+    sd = scale_dtype_of(scale_dtype, jnp.bfloat16)
     m = cd.BlockCodec(maps.SIGNED8, bs, 8, sign_fix=True, scale_dtype=sd)
     return lambda ndim: (m,)
 
