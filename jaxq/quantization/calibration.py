@@ -3,7 +3,8 @@
 * :class:`Absmax` — ``amax = max |x|`` over the finite elements of each group.
 * :class:`Percentile` — ``amax`` = the ``q``-th percentile of ``|x|`` in each group.
 * :class:`MSE` — ``amax = r* · max|x|`` with ``r*`` minimising ``‖x − dequantize(quantize(x))‖²``
-  over a grid of clipping ratios ``r`` in ``[min_ratio, 1]``, independently per group.
+  over a geometric grid of clipping ratios ``r`` in ``[min_ratio, 1]``, independently per
+  group.
 * :class:`AmaxHistory` — functional amax history for delayed scaling (FP8 training).
 
 Every statistic ignores non-finite elements, so one NaN or inf never inflates a scale.
@@ -17,6 +18,7 @@ from typing import Literal
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxq import formats as F
 
@@ -54,12 +56,12 @@ class MSE:
     """Per-group search of the clipping ratio minimising the squared quantization error.
 
     Attributes:
-        num_ratios: grid size; ratios are ``linspace(min_ratio, 1, num_ratios)``.
+        num_ratios: grid size; ratios are ``geomspace(min_ratio, 1, num_ratios)``.
         min_ratio: smallest clipping ratio tried.
     """
 
     num_ratios: int = 64
-    min_ratio: float = 0.25
+    min_ratio: float = 0.01
 
     def __post_init__(self):
         if self.num_ratios < 2 or not 0.0 < self.min_ratio < 1.0:
@@ -113,7 +115,9 @@ def group_amax(
     if isinstance(calibration, Percentile):
         return jnp.percentile(a, calibration.q, axis=axes, keepdims=True)
     if isinstance(calibration, MSE):
-        ratios = jnp.linspace(calibration.min_ratio, 1.0, calibration.num_ratios)
+        ratios = jnp.asarray(
+            np.geomspace(calibration.min_ratio, 1.0, calibration.num_ratios), jnp.float32
+        )
 
         def body(carry, r):
             best_err, best_amax = carry

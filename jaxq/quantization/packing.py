@@ -16,6 +16,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -38,6 +39,7 @@ def packed_length(n: int, bits: int) -> int:
     return -(-n // g) * nbytes
 
 
+@functools.partial(jax.jit, static_argnames=("bits",))
 def pack(codes: jax.Array, *, bits: int) -> jax.Array:
     """Packs unsigned ``bits``-bit codes (any integer dtype) along the last axis into uint8."""
     g, nbytes = group(bits)
@@ -56,6 +58,7 @@ def pack(codes: jax.Array, *, bits: int) -> jax.Array:
     return out.reshape(*out.shape[:-2], -1).astype(jnp.uint8)
 
 
+@functools.partial(jax.jit, static_argnames=("bits", "n"))
 def unpack(packed: jax.Array, *, bits: int, n: int) -> jax.Array:
     """Inverse of :func:`pack`: returns ``n`` uint8 codes along the last axis."""
     g, nbytes = group(bits)
