@@ -246,13 +246,18 @@ class CodeBook:
                 idx = idx + (x > m).astype(jnp.int32)
             return idx
         bits = jax.lax.bitcast_convert_type(x, jnp.uint32) >> self.shift
-        cand = jnp.asarray(self.table)[bits.astype(jnp.int32)].astype(jnp.int32)
-        mids = jnp.asarray(np.append(self.mids, np.float32(np.inf)))
-        return cand + (x > mids[cand]).astype(jnp.int32)
+        cand = _lookup(self.table, bits.astype(jnp.int32)).astype(jnp.int32)
+        mids = np.append(self.mids, np.float32(np.inf))
+        return cand + (x > _lookup(mids, cand)).astype(jnp.int32)
 
     def decode(self, idx: jax.Array) -> jax.Array:
         """Map values (float32) at integer indices ``idx``."""
-        return jnp.asarray(self.values)[idx.astype(jnp.int32)]
+        return _lookup(self.values, idx.astype(jnp.int32))
+
+
+def _lookup(table: np.ndarray, idx: jax.Array) -> jax.Array:
+    """``table[idx]`` for a small constant table; the result is sharded like ``idx``."""
+    return jnp.asarray(table).at[idx].get(out_sharding=jax.typeof(idx).sharding, mode="clip")
 
 
 SIGNED8 = CodeBook.of("dynamic_signed_8bit", _SIGNED)
