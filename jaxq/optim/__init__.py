@@ -1,9 +1,29 @@
 """Optimizers with 8-bit, 4-bit and FP8 blockwise-quantized state, as optax transforms.
 
 Numerically compatible with bitsandbytes' 8-bit optimizers ('8-bit Optimizers via
-Block-wise Quantization', Dettmers et al. 2022) and with the 4-bit states of Li et al.
-2023. Every factory returns an ordinary ``optax.GradientTransformation`` with
-``NamedTuple`` state.
+Block-wise Quantization', Dettmers et al. 2022: same dynamic maps, bit for bit, same
+nearest-code rule and sign-preserving re-quantization of first moments) and with the 4-bit
+states of Li et al. 2023. Every factory returns an ordinary ``optax.GradientTransformation``
+with ``NamedTuple`` state.
+
+Decisions, in one place:
+
+* **Block layout**: blocks run along the parameter's *last axis*, zero-padded to a multiple
+  of ``block_size``; codes and block scales have the parameter's rank, so they take the
+  parameter's ``PartitionSpec`` and a sharded update needs no all-gather (when the last
+  axis is sharded, each shard must hold whole blocks: ``n / devices % block_size == 0``).
+* **Block scales**: 8-bit and FP8 store them in bfloat16 rounded *up* (2.016 bytes/param
+  for 8-bit AdamW); ``scale_dtype=jnp.float32`` gives bitsandbytes' float32 absmax
+  (2.031 bytes/param). 4-bit stores float32 scales (1.03 bytes/param).
+* **Non-finite gradients**: a NaN/inf element contributes no update and leaves its moments
+  as they were; finite gradients are clipped to ``|g| <= 2**63`` (so ``g**2`` stays finite);
+  block maxima below the smallest normal float32 are stored as 0. No NaN or inf ever
+  reaches a stored moment or scale. ``optax.apply_if_finite`` composes for skip-the-step.
+* **32-bit state**: parameters with fewer than ``min_quantized_size`` (4096) elements,
+  scalars, and those chosen by ``keep_fp32`` (default: :class:`StableEmbed` tables).
+* **inject_hyperparams**: numeric hyperparameters are injectable; pass
+  ``static_args=('block_size', 'min_quantized_size')`` if you set those, and add
+  ``'mask', 'keep_fp32'`` when they are callables.
 
 Example:
     >>> import jax, jax.numpy as jnp
