@@ -148,9 +148,7 @@ def _bcast_counts(shapes, out_shape):
     return [out // max(1, math.prod(s)) for s in shapes]
 
 
-def matmul(
-    a: jax.Array, b: jax.Array, *, constraint: Constraint = "to_output_scale"
-) -> jax.Array:
+def matmul(a: jax.Array, b: jax.Array, *, constraint: Constraint = "to_output_scale") -> jax.Array:
     """Unit-scaled ``a @ b`` for ``a: (..., m, k)``, ``b: (..., k, n)`` (batch dims broadcast).
 
     Factors: output ``k^-1/2``; gradient of ``a`` ``(n * r_a)^-1/2`` and of ``b``
@@ -170,8 +168,7 @@ def matmul(
     _checks.min_ndim(b, 2, "b", "(..., k, n)")
     if a.shape[-1] != b.shape[-2]:
         raise ValueError(
-            f"a has shape {a.shape} and b has shape {b.shape}: expected a.shape[-1] == "
-            f"b.shape[-2]"
+            f"a has shape {a.shape} and b has shape {b.shape}: expected a.shape[-1] == b.shape[-2]"
         )
     try:
         batch = jnp.broadcast_shapes(a.shape[:-2], b.shape[:-2])

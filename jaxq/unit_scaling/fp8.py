@@ -7,8 +7,11 @@ max), multiplied with float32 accumulation, and the product is multiplied back. 
 backward pass the incoming gradient is cast to the backward format and the two operand
 gradients are computed from the *cast* forward operands.
 
-Non-finite values: NaN propagates (it is never hidden); ``+-inf`` saturates to
-``+-fmt.max`` like any out-of-range value, as ``jaxq.cast(..., saturate=True)`` does.
+Casts are ``jaxq.cast`` (bit-exact with ml_dtypes round-to-nearest-even; finite values
+beyond the format's max saturate to ``+-max``). Non-finite values are never hidden: NaN
+stays NaN, ``+-inf`` becomes NaN in E4M3 (which has no inf) and stays ``+-inf`` in E5M2,
+so an overflowing step shows up as a non-finite loss/gradient (which
+:func:`jaxq.unit_scaling.optim.adamw` skips).
 """
 
 from __future__ import annotations
@@ -21,12 +24,13 @@ import jax.numpy as jnp
 
 from jaxq import formats
 from jaxq.formats import FloatFormat
+from jaxq.quantization import cast as _cast
 
 __all__ = ["cast_to_format", "Fp8DotGeneral", "fp8_dot_general"]
 
 
 def cast_to_format(x: jax.Array, fmt: FloatFormat) -> jax.Array:
-    """Rounds ``x`` to the nearest value representable in ``fmt`` (saturating), in x's dtype.
+    """``jaxq.cast(x, fmt)``: round-to-nearest-even into ``fmt``, saturating finite values.
 
     Example:
         >>> import jax.numpy as jnp
@@ -34,13 +38,7 @@ def cast_to_format(x: jax.Array, fmt: FloatFormat) -> jax.Array:
         >>> cast_to_format(jnp.array([1.06, 1000.0]), E4M3).tolist()
         [1.0, 448.0]
     """
-    try:
-        from jaxq import cast as _cast  # the quantization layer's cast, once available
-    except ImportError:
-        _cast = None
-    if _cast is not None:
-        return _cast(x, fmt)
-    return jnp.clip(x, -fmt.max, fmt.max).astype(fmt.dtype).astype(x.dtype)
+    return _cast(x, fmt)
 
 
 def _scaled_cast(x, fmt, scale):

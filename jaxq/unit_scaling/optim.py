@@ -117,7 +117,7 @@ class _DecayState(NamedTuple):
     pass
 
 
-def _independent_decay(weight_decay: float) -> optax.GradientTransformation:
+def _independent_decay(weight_decay) -> optax.GradientTransformation:
     def init_fn(params):
         del params
         return _DecayState()
@@ -166,6 +166,9 @@ def adamw(
         default_scale: multiplier for untagged parameters (``None``: they are an error).
         skip_nonfinite: see above.
 
+    Under ``optax.inject_hyperparams`` pass ``static_args=("tags",
+    "independent_weight_decay", "default_scale", "skip_nonfinite")``.
+
     Returns:
         An ``optax.GradientTransformation``.
 
@@ -178,16 +181,19 @@ def adamw(
         >>> [round(float(u), 4) for u in upd["w"]]
         [-0.25, -0.25, -0.25]
     """
-    if not (isinstance(weight_decay, (int, float)) and math.isfinite(weight_decay)
-            and weight_decay >= 0):  # fmt: skip
-        raise ValueError(f"weight_decay must be a finite number >= 0, got {weight_decay!r}")
+    if isinstance(weight_decay, (int, float)):
+        if not (math.isfinite(weight_decay) and weight_decay >= 0):
+            raise ValueError(f"weight_decay must be a finite number >= 0, got {weight_decay!r}")
+        use_decay = weight_decay != 0
+    else:  # an array, e.g. under optax.inject_hyperparams
+        use_decay = True
     parts = [optax.scale_by_adam(b1=b1, b2=b2, eps=eps)]
-    if weight_decay and not independent_weight_decay:
+    if use_decay and not independent_weight_decay:
         parts.append(optax.add_decayed_weights(weight_decay))
     parts += [scale_by_umup(tags, default_scale=default_scale),
               optax.scale_by_learning_rate(learning_rate)]  # fmt: skip
-    if weight_decay and independent_weight_decay:
-        parts.append(_independent_decay(float(weight_decay)))
+    if use_decay and independent_weight_decay:
+        parts.append(_independent_decay(weight_decay))
     tx = optax.chain(*parts)
     if skip_nonfinite:
         tx = optax.apply_if_finite(tx, max_consecutive_errors=2**31 - 1)

@@ -1,5 +1,9 @@
 """A minimal functional training loop for language models (used by tests and benchmarks).
 
+The step and the evaluation are compiled once per model shape and take every array
+(parameters, optimiser state, key) as an argument, so sweeps over hyperparameters held
+in the optimiser state (``optax.inject_hyperparams``) reuse one compilation.
+
 Example:
     >>> from flax import nnx
     >>> from jaxq import data
@@ -25,11 +29,16 @@ from flax import nnx
 
 from jaxq import data
 
-__all__ = ["make_train_step", "train_lm", "eval_lm"]
+__all__ = ["make_train_step", "make_eval", "run_steps", "train_lm"]
 
 
 def make_train_step(
-    graphdef, rest, tx: optax.GradientTransformation, *, batch_size: int, seq_len: int,
+    graphdef,
+    rest,
+    tx: optax.GradientTransformation,
+    *,
+    batch_size: int,
+    seq_len: int,
     train_tokens,
 ) -> Callable:
     """A jitted ``step(params, opt_state, key) -> (params, opt_state, loss)``.
@@ -53,18 +62,32 @@ def make_train_step(
     return step
 
 
-def eval_lm(graphdef, params, rest, val_tokens, *, batch_size: int, seq_len: int,
-            batches: int = 4, seed: int = 1234) -> float:
-    """Mean loss over ``batches`` fixed random validation windows."""
+def make_eval(
+    graphdef, rest, val_tokens, *, batch_size: int, seq_len: int, batches: int = 4,
+    seed: int = 1234,
+) -> Callable:  # fmt: skip
+    """A jitted ``evaluate(params) -> mean loss`` over ``batches`` fixed validation windows."""
     val_tokens = jnp.asarray(val_tokens)
+    keys = jax.random.split(jax.random.key(seed), batches)
 
     @jax.jit
-    def one(key):
-        x, y = data.batch(val_tokens, key, batch_size=batch_size, seq_len=seq_len)
-        return nnx.merge(graphdef, params, rest).loss(x, y)
+    def evaluate(params):
+        def one(key):
+            x, y = data.batch(val_tokens, key, batch_size=batch_size, seq_len=seq_len)
+            return nnx.merge(graphdef, params, rest).loss(x, y)
 
-    keys = jax.random.split(jax.random.key(seed), batches)
-    return float(np.mean([float(one(k)) for k in keys]))
+        return jax.lax.map(one, keys).mean()
+
+    return evaluate
+
+
+def run_steps(step, params, opt_state, *, steps: int, seed: int = 0):
+    """Runs ``steps`` steps; returns ``(params, opt_state, [float losses])``."""
+    losses = []
+    for k in jax.random.split(jax.random.key(seed), steps):
+        params, opt_state, loss = step(params, opt_state, k)
+        losses.append(loss)
+    return params, opt_state, [float(v) for v in losses]
 
 
 def train_lm(
@@ -79,24 +102,18 @@ def train_lm(
     seed: int = 0,
     eval_batches: int = 4,
 ) -> dict:
-    """Trains ``model`` for ``steps`` steps; returns ``{"train_losses", "val_loss"}``.
+    """Trains ``model`` in place for ``steps`` steps.
 
-    ``val_loss`` is NaN if training diverged (any non-finite training loss).
+    Returns:
+        ``{"train_losses": [...], "val_loss": float}``; ``val_loss`` is NaN if any
+        training loss was non-finite (diverged).
     """
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    step = make_train_step(graphdef, rest, tx, batch_size=batch_size, seq_len=seq_len,
-                           train_tokens=train_tokens)  # fmt: skip
-    opt_state = tx.init(params)
-    keys = jax.random.split(jax.random.key(seed), steps)
-    losses = []
-    for k in keys:
-        params, opt_state, loss = step(params, opt_state, k)
-        losses.append(loss)
-    losses = [float(v) for v in losses]
-    if not np.all(np.isfinite(losses)):
-        val = float("nan")
-    else:
-        val = eval_lm(graphdef, params, rest, val_tokens, batch_size=batch_size,
-                      seq_len=seq_len, batches=eval_batches)  # fmt: skip
+    kw = dict(batch_size=batch_size, seq_len=seq_len)
+    step = make_train_step(graphdef, rest, tx, train_tokens=train_tokens, **kw)
+    params, _, losses = run_steps(step, params, tx.init(params), steps=steps, seed=seed)
+    val = float("nan")
+    if np.all(np.isfinite(losses)):
+        val = float(make_eval(graphdef, rest, val_tokens, batches=eval_batches, **kw)(params))
     nnx.update(model, params)
     return {"train_losses": losses, "val_loss": val}
