@@ -7,10 +7,14 @@ and yields ordinary arrays; one with a scaled operand runs the primitive's rule 
 :mod:`jaxq.scaled.registry`. Control flow (``jit``, ``scan``, ``while``, ``cond``,
 ``checkpoint``, ``custom_jvp_call``, ``custom_vjp_call``) is interpreted recursively.
 
-Scale safety: every scale leaving a rule goes through :func:`jaxq.scaled.scales.poison`,
-so a scale that underflowed to zero, overflowed to infinity or became NaN turns the
-tensor's value into NaN instead of silently zeroing or saturating it. A concrete bad
-scale on an input raises ``ValueError`` before anything runs.
+Scale safety: a zero, infinite or NaN scale never propagates silently. A concrete bad
+scale on an input raises ``ValueError`` before anything runs; a traced one, and every
+scale that a rule forms by multiplying or dividing scales (``mul``, ``div``, ``square``,
+``integer_pow``, ``pow``, ``dot_general``, ``conv_general_dilated``, ``set_scaling``,
+``sqrt``/``rsqrt``), goes through :func:`jaxq.scaled.scales.poison`, which turns a scale
+that underflowed to 0 or overflowed to inf into NaN. Every other rule keeps NaN scales NaN
+(``max``, ``pow2_round`` and the add-scale formula propagate NaN), so the tensor's value
+becomes NaN instead of silently zero or saturated.
 """
 
 from __future__ import annotations
@@ -140,8 +144,6 @@ def _check_outputs(eqn: Any, outs: Sequence[Any]) -> list[Any]:
                 f"{tuple(shape)} and dtype {dtype}; the primitive produces shape "
                 f"{want_shape} and dtype {want_dtype}"
             )
-        if is_scaled(o):
-            o = ScaledArray.tree_unflatten(None, (o.data, poison(o.scale)))
         checked.append(o)
     return checked
 

@@ -33,6 +33,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from jax import core as jcore
+from jax import lax
 from jax.extend import core as jex
 from jax.interpreters import batching, mlir
 
@@ -41,7 +42,7 @@ from jaxq.quantization import cast as _cast_values
 from jaxq.scaled.array import ScaledArray, asarray, is_scaled
 from jaxq.scaled.registry import _register_builtin
 from jaxq.scaled.rules_elementwise import rescale
-from jaxq.scaled.scales import pow2_round
+from jaxq.scaled.scales import poison, pow2_round, scale_ok
 
 __all__ = [
     "set_scaling",
@@ -101,6 +102,7 @@ cast_p = _primitive("jaxq_cast", _cast_impl)
 # -- scalify rules ---------------------------------------------------------------------
 def _set_scaling_rule(x, scale):
     s = asarray(scale, jnp.float32) if is_scaled(scale) else jnp.asarray(scale, jnp.float32)
+    s = poison(s)
     return ScaledArray(rescale(x, s), s)
 
 
@@ -118,13 +120,14 @@ def _norm(d: jax.Array, norm: str) -> jax.Array:
 
 
 def _rescale_rule(x, *, norm):
-    n = _norm(x.data, norm) if x.size else jnp.float32(0)
-    ok = jnp.isfinite(n) & (n >= jnp.finfo(jnp.float32).tiny)
-    r = jax.lax.stop_gradient(jnp.where(ok, pow2_round(jnp.where(ok, n, 1.0)), 1.0))
+    r = pow2_round(_norm(x.data, norm)) if x.size else jnp.float32(0)
+    r = lax.select(scale_ok(r), r, lax.full_like(r, 1))  # zero/inf/NaN norm: keep x as is
     return ScaledArray(_div_data(x.data, r), x.scale * r)
 
 
 def _div_data(d: jax.Array, r: jax.Array) -> jax.Array:
+    if d.dtype == jnp.float32:
+        return d / r
     w = jnp.promote_types(d.dtype, jnp.float32)
     return (d.astype(w) / r).astype(d.dtype)
 

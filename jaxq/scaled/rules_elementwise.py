@@ -49,7 +49,7 @@ from jax.extend.core import primitives as P
 
 from jaxq.scaled.array import ScaledArray, expand_scale, is_scaled
 from jaxq.scaled.registry import _register_builtin
-from jaxq.scaled.scales import add_scale, pow2_round, pow2_split, sqrt_split
+from jaxq.scaled.scales import add_scale, poison, pow2_round, pow2_split, sqrt_split
 
 __all__ = ["rescale", "common_scale", "check_blocks", "value_of", "NONLINEAR"]
 
@@ -80,18 +80,25 @@ def check_blocks(name: str, *xs: Any) -> None:
         )
 
 
+def _to(x: jax.Array, dtype: Any) -> jax.Array:
+    return x if x.dtype == dtype else lax.convert_element_type(x, dtype)
+
+
 def rescale(x: Any, s: jax.Array, dtype: Any = None) -> jax.Array:
     """Data of ``x`` expressed in scale ``s``: ``d * sx / s`` (``x / s`` for plain ``x``)."""
     if is_scaled(x):
+        dtype = np.dtype(dtype or x.dtype)
+        if s is x.scale:
+            return _to(x.data, dtype)
         d, ratio = x.data, x.scale / s
-        dtype = dtype or x.dtype
     else:
-        d, ratio = jnp.asarray(x), 1.0 / s
-        dtype = dtype or d.dtype
+        d = jnp.asarray(x)
+        dtype = np.dtype(dtype or d.dtype)
+        ratio = 1.0 / s
     w = _wide(dtype)
-    shape = np.shape(d)
-    ratio = ratio if np.ndim(ratio) == 0 else expand_scale(ratio, shape)
-    return (d.astype(w) * jnp.asarray(ratio, w)).astype(dtype)
+    ratio = jnp.asarray(ratio)
+    ratio = ratio if ratio.ndim == 0 else expand_scale(ratio, np.shape(d))
+    return _to(_to(d, w) * _to(ratio, w), dtype)
 
 
 def value_of(x: Any) -> jax.Array:
@@ -117,9 +124,10 @@ def _is_scalar(x: Any) -> bool:
 
 # -- add / sub -------------------------------------------------------------------------
 def _plain_magnitude(c: Any) -> jax.Array:
-    c = jnp.abs(jnp.asarray(c, jnp.float32))
-    ok = jnp.isfinite(c) & (c >= jnp.finfo(jnp.float32).tiny)
-    return jnp.where(ok, pow2_round(jnp.where(ok, c, 1.0)), 0.0)
+    """``r(|c|)`` for a finite nonzero plain scalar, else 0 (it adds no magnitude)."""
+    c = lax.abs(_to(jnp.asarray(c), np.dtype(np.float32)))
+    ok = lax.is_finite(c) & (c >= np.float32(np.finfo(np.float32).tiny))
+    return lax.select(ok, pow2_round(c), lax.full_like(c, 0))
 
 
 def _add_like(prim: Any):
@@ -148,22 +156,22 @@ def _as_factor(c: Any, dtype: Any, grow: bool = False) -> tuple[jax.Array, jax.A
 def _mul(a, b, **params):
     check_blocks("mul", a, b)
     if is_scaled(a) and is_scaled(b):
-        return ScaledArray(P.mul_p.bind(a.data, b.data), a.scale * b.scale)
+        return ScaledArray(P.mul_p.bind(a.data, b.data, **params), poison(a.scale * b.scale))
     x, c = (a, b) if is_scaled(a) else (b, a)
     m, k = _as_factor(c, x.dtype)
-    d = P.mul_p.bind(x.data, m) if is_scaled(a) else P.mul_p.bind(m, x.data)
-    return ScaledArray(d, x.scale * k)
+    d = P.mul_p.bind(x.data, m, **params) if is_scaled(a) else P.mul_p.bind(m, x.data, **params)
+    return ScaledArray(d, poison(x.scale * k) if _is_scalar(c) else x.scale)
 
 
 def _div(a, b, **params):
     check_blocks("div", a, b)
     if is_scaled(a) and is_scaled(b):
-        return ScaledArray(P.div_p.bind(a.data, b.data), a.scale / b.scale)
+        return ScaledArray(P.div_p.bind(a.data, b.data, **params), poison(a.scale / b.scale))
     if is_scaled(a):
         m, k = _as_factor(b, a.dtype, grow=True)
-        return ScaledArray(P.div_p.bind(a.data, m), a.scale / k)
+        return ScaledArray(P.div_p.bind(a.data, m, **params), poison(a.scale / k))
     m, k = _as_factor(a, b.dtype)
-    return ScaledArray(P.div_p.bind(m, b.data), k / b.scale)
+    return ScaledArray(P.div_p.bind(m, b.data, **params), poison(k / b.scale))
 
 
 # -- unary -----------------------------------------------------------------------------
@@ -183,11 +191,12 @@ def _stop_gradient(x, **params):
 
 
 def _square(x, **params):
-    return ScaledArray(P.square_p.bind(x.data, **params), x.scale * x.scale)
+    return ScaledArray(P.square_p.bind(x.data, **params), poison(x.scale * x.scale))
 
 
 def _integer_pow(x, *, y, **params):
-    return ScaledArray(P.integer_pow_p.bind(x.data, y=y, **params), lax.integer_pow(x.scale, y))
+    s = poison(lax.integer_pow(x.scale, y))
+    return ScaledArray(P.integer_pow_p.bind(x.data, y=y, **params), s)
 
 
 def _sqrt_like(prim: Any, invert: bool):
@@ -205,7 +214,9 @@ def _pow(x, y, **params):
         sy = jnp.exp2(ylog)
         k = pow2_round(sy)
         base = P.pow_p.bind(x.data, y, **params)
-        return ScaledArray(rescale(ScaledArray.tree_unflatten(None, (base, sy / k)), 1.0), k)
+        return ScaledArray(
+            rescale(ScaledArray.tree_unflatten(None, (base, sy / k)), 1.0), poison(k)
+        )
     return _nonlinear(P.pow_p)(x, y, **params)
 
 

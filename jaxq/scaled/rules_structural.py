@@ -31,14 +31,15 @@ from jax.extend.core import primitives as P
 from jaxq.scaled.array import ScaledArray, expand_scale, is_scaled, to_scalar_scale
 from jaxq.scaled.registry import _register_builtin
 from jaxq.scaled.rules_elementwise import _wide, common_scale, rescale
-from jaxq.scaled.scales import add_scale, pow2_round
+from jaxq.scaled.scales import add_scale, poison
 
 __all__ = ["sqrt_n_scale"]
 
 
 def sqrt_n_scale(n: int) -> float:
     """``r(sqrt(n))`` as a Python float (a power of two), e.g. ``sqrt_n_scale(64) == 8``."""
-    return float(pow2_round(np.float32(math.sqrt(max(n, 1)))))
+    m, e = np.frexp(np.float32(math.sqrt(max(n, 1))))  # static: computed with numpy
+    return float(2.0 ** (int(e) - 1 + int(2 * m >= np.float32(math.sqrt(2)))))
 
 
 def _scale_shape(x) -> tuple[int, ...]:
@@ -258,7 +259,7 @@ def _dot_general(lhs, rhs, *, dimension_numbers, preferred_element_type=None, **
             if jnp.ndim(s) > 0:
                 s = jnp.reshape(s, [1] * pre + [s.shape[a] for a in free] + [1] * post)
             scale = scale * s
-    return ScaledArray(d, scale)
+    return ScaledArray(d, poison(scale))
 
 
 def _conv(lhs, rhs, *, dimension_numbers, preferred_element_type=None, **params):
@@ -277,7 +278,7 @@ def _conv(lhs, rhs, *, dimension_numbers, preferred_element_type=None, **params)
     for x in (lhs, rhs):
         if is_scaled(x):
             scale = scale * x.scale
-    return ScaledArray(d, scale)
+    return ScaledArray(d, poison(scale))
 
 
 def _top_k(x, **params):

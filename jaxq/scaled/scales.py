@@ -15,8 +15,11 @@ Example:
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 __all__ = ["pow2_round", "add_scale", "sqrt_split", "scale_ok", "poison", "pow2_split"]
@@ -27,19 +30,24 @@ _EXP_MASK = 0xFF
 _SQRT2_FRAC = 0x3504F3
 
 
+def _f32(x: Any) -> jax.Array:
+    x = jnp.asarray(x)
+    return x if x.dtype == jnp.float32 else lax.convert_element_type(x, jnp.float32)
+
+
 def _bits(x: jax.Array) -> jax.Array:
-    return lax.bitcast_convert_type(jnp.asarray(x, jnp.float32), jnp.int32)
+    return lax.bitcast_convert_type(x, jnp.int32)
 
 
 def _from_exponent(e: jax.Array) -> jax.Array:
-    """``2^e`` for an int32 unbiased exponent ``e`` (clamped to the float32 bit range)."""
-    biased = jnp.clip(e + 127, 0, 255)
-    return lax.bitcast_convert_type(lax.shift_left(biased, _MANT_BITS), jnp.float32)
+    """``2^e`` for an int32 unbiased exponent ``e`` (0 below 2^-126, inf above 2^127)."""
+    biased = lax.clamp(jnp.int32(0), e + 127, jnp.int32(255))
+    return lax.bitcast_convert_type(lax.shift_left(biased, jnp.int32(_MANT_BITS)), jnp.float32)
 
 
 def _exponent(x: jax.Array) -> jax.Array:
     """Unbiased exponent ``floor(log2 |x|)`` of a normal float32."""
-    return (lax.shift_right_logical(_bits(x), _MANT_BITS) & _EXP_MASK) - 127
+    return (lax.shift_right_logical(_bits(x), jnp.int32(_MANT_BITS)) & _EXP_MASK) - 127
 
 
 def pow2_round(x: jax.Array) -> jax.Array:
@@ -47,8 +55,8 @@ def pow2_round(x: jax.Array) -> jax.Array:
 
     ``r(x) = 2^round(log2 x)``, ties (``x = sqrt(2) * 2^k``) rounded up. Exact: the result
     depends only on the exponent and on whether the fraction field is at least that of
-    ``sqrt(2)``, so ``r(2^k x) = 2^k r(x)`` bit for bit. Zero, subnormal, infinite or NaN
-    input gives a zero, infinite or NaN result, which :func:`poison` then turns into NaN.
+    ``sqrt(2)``, so ``r(2^k x) = 2^k r(x)`` bit for bit. Zero and subnormal input give 0,
+    infinite or NaN input gives NaN; :func:`poison` turns both into NaN where it matters.
 
     Args:
         x: positive float32 array (any shape).
@@ -60,12 +68,11 @@ def pow2_round(x: jax.Array) -> jax.Array:
         >>> float(pow2_round(jnp.float32(0.7)))
         0.5
     """
-    x = lax.stop_gradient(jnp.asarray(x, jnp.float32))
+    x = lax.stop_gradient(_f32(x))
     b = _bits(x)
-    e = _exponent(x) + (b & ((1 << _MANT_BITS) - 1) >= _SQRT2_FRAC).astype(jnp.int32)
-    out = _from_exponent(e)
-    bad = ~jnp.isfinite(x) | (x < jnp.finfo(jnp.float32).tiny)
-    return jnp.where(bad, jnp.where(x == 0, 0.0, jnp.nan), out).astype(jnp.float32)
+    up = lax.convert_element_type((b & ((1 << _MANT_BITS) - 1)) >= _SQRT2_FRAC, jnp.int32)
+    out = _from_exponent(_exponent(x) + up)
+    return out + (x - x)  # inf - inf = NaN: non-finite input never becomes a finite scale
 
 
 def add_scale(sa: jax.Array, sb: jax.Array) -> jax.Array:
@@ -78,12 +85,10 @@ def add_scale(sa: jax.Array, sb: jax.Array) -> jax.Array:
         >>> float(add_scale(jnp.float32(4.0), jnp.float32(1.0)))
         4.0
     """
-    sa = jnp.asarray(sa, jnp.float32)
-    sb = jnp.asarray(sb, jnp.float32)
-    hi = jnp.maximum(sa, sb)
-    lo = jnp.minimum(sa, sb)
-    ratio = jnp.where(hi > 0, lo / jnp.where(hi > 0, hi, 1.0), 0.0)
-    return pow2_round(hi * jnp.sqrt(1.0 + ratio * ratio))
+    sa, sb = _f32(sa), _f32(sb)
+    hi = lax.max(sa, sb)
+    ratio = lax.min(sa, sb) / hi
+    return pow2_round(hi * lax.sqrt(1.0 + ratio * ratio))
 
 
 def sqrt_split(s: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -97,11 +102,13 @@ def sqrt_split(s: jax.Array) -> tuple[jax.Array, jax.Array]:
         >>> float(t), float(res)
         (2.0, 2.0)
     """
-    s = lax.stop_gradient(jnp.asarray(s, jnp.float32))
+    s = poison(lax.stop_gradient(_f32(s)))
     e = _exponent(s)
-    half = lax.shift_right_arithmetic(e, 1)  # floor(e / 2)
-    t = _from_exponent(half)
-    res = lax.bitcast_convert_type(_bits(s) - lax.shift_left(2 * half, _MANT_BITS), jnp.float32)
+    half = lax.shift_right_arithmetic(e, jnp.int32(1))  # floor(e / 2)
+    t = _from_exponent(half) + (s - s)  # NaN stays NaN
+    res = lax.bitcast_convert_type(
+        _bits(s) - lax.shift_left(2 * half, jnp.int32(_MANT_BITS)), jnp.float32
+    )
     return t, res
 
 
@@ -118,18 +125,16 @@ def pow2_split(c: jax.Array, *, grow: bool = False) -> tuple[jax.Array, jax.Arra
         >>> float(m), float(s)
         (-0.75, 32.0)
     """
-    c32 = jnp.asarray(c, jnp.float32)
-    mag = jnp.abs(c32)
-    ok = jnp.isfinite(mag) & (mag >= jnp.finfo(jnp.float32).tiny)
-    e = _exponent(jnp.where(ok, mag, 1.0)) + (0 if grow else 1)
-    s = jnp.where(ok, _from_exponent(e), 1.0)
-    m = jnp.where(ok, c32 / s, c32)
-    return m, lax.stop_gradient(s)
+    c32 = _f32(c)
+    mag = lax.abs(c32)
+    ok = lax.is_finite(mag) & (mag >= np.float32(np.finfo(np.float32).tiny))
+    s = lax.select(ok, _from_exponent(_exponent(mag) + (0 if grow else 1)), lax.full_like(mag, 1))
+    return c32 / s, lax.stop_gradient(s)
 
 
 def scale_ok(s: jax.Array) -> jax.Array:
     """True where a scale is usable: positive, finite (a boolean array)."""
-    return jnp.isfinite(s) & (s > 0)
+    return lax.is_finite(s) & (s > 0)
 
 
 def poison(s: jax.Array) -> jax.Array:
@@ -142,5 +147,5 @@ def poison(s: jax.Array) -> jax.Array:
         >>> poison(jnp.float32(0.0))
         Array(nan, dtype=float32)
     """
-    s = jnp.asarray(s, jnp.float32)
-    return jnp.where(scale_ok(s), s, jnp.nan)
+    s = _f32(s)
+    return lax.select(scale_ok(s), s, lax.full_like(s, np.nan))
