@@ -1,6 +1,6 @@
 """Benchmark of ``jaxq.quantize`` + ``jaxq.dequantize`` throughput against a memory-bound floor.
 
-For a float32 array of ``--size`` elements (default 64Mi = 2^26, shape ``(8192, 8192)``)
+For a float32 array of ``--sizes`` elements (default 64Mi = 2^26, shape ``(8192, 8192)``)
 it times, side by side in one process, the jitted round trip
 ``dequantize(quantize(x, ...))`` for
 
@@ -17,7 +17,8 @@ of merit; absolute times hold only on the machine named in the output.
 
 Usage:
     python benchmarks/quantize.py                     # writes benchmarks/results/quantize.md
-    python benchmarks/quantize.py --size 4M --repeats 3 --out /tmp/q.md
+    python benchmarks/quantize.py --sizes 64M,4M --repeats 5
+    python benchmarks/quantize.py --sizes 4M --repeats 3 --out /tmp/q.md
     python benchmarks/quantize.py --hlo e4m3          # print the optimized HLO of one case
 """
 
@@ -28,6 +29,7 @@ import datetime
 import importlib.metadata
 import os
 import platform
+import resource
 import statistics
 import sys
 import time
@@ -77,11 +79,13 @@ def make_fns(fmt: str, kw: dict) -> dict[str, Callable]:
     return {"qdq": qdq, "q": q, "dq": dq}
 
 
-def time_call(fn: Callable, arg) -> tuple[float, float]:
-    """(wall seconds, process CPU seconds summed over threads) of one blocking call."""
+def time_call(fn: Callable, arg) -> tuple[float, float, int]:
+    """(wall s, process CPU s summed over threads, minor page faults) of one blocking call."""
+    f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     t, c = time.perf_counter(), time.process_time()
     jax.block_until_ready(fn(arg))
-    return time.perf_counter() - t, time.process_time() - c
+    wall, cpu = time.perf_counter() - t, time.process_time() - c
+    return wall, cpu, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0
 
 
 def run(size: int, repeats: int, names: list[str]) -> tuple[list[dict], float, tuple]:
@@ -108,7 +112,7 @@ def run(size: int, repeats: int, names: list[str]) -> tuple[list[dict], float, t
     def med(key, i=0):
         return statistics.median(t[i] for t in times[key])
 
-    t_floor = (med(("floor", "")), med(("floor", ""), 1))
+    t_floor = (med(("floor", "")), med(("floor", ""), 1), med(("floor", ""), 2))
     rows = []
     for name in names:
         qa = qarrays[name]
@@ -128,14 +132,15 @@ def run(size: int, repeats: int, names: list[str]) -> tuple[list[dict], float, t
     return rows, t_floor, shape
 
 
-def table(rows: list[dict], t_floor: tuple[float, float], size: int) -> str:
+def table(rows: list[dict], t_floor: tuple[float, float, float], size: int) -> str:
     gb = size * 4 * 2 / 1e9  # bytes a read + write pass moves
-    wall, cpu = t_floor
+    wall, cpu, faults = t_floor
     lines = [
         "| case | bits/elem | qdq ms | qdq / floor | qdq / floor (CPU time) "
         "| quantize ms | dequantize ms | RMSE |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
-        f"| floor `x * 2.0` | 32 | {wall * 1e3:.1f} | 1.00 | 1.00 | | | ({gb / wall:.1f} GB/s) |",
+        f"| floor `x * 2.0` | 32 | {wall * 1e3:.1f} | 1.00 | 1.00 | | | "
+        f"{gb / wall:.1f} GB/s; {faults:.0f} page faults/call |",
     ]
     for r in rows:
         lines.append(
@@ -203,45 +208,46 @@ def environment() -> str:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--size", default="64M", help="elements (K/M/G = 2^10/2^20/2^30)")
+    p.add_argument(
+        "--sizes", default="64M", help="comma-separated element counts (K/M/G = 2^10/2^20/2^30)"
+    )
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--cases", default=",".join(SHORT), help=f"subset of {','.join(SHORT)}")
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "quantize.md"))
     p.add_argument("--hlo", default=None, help="print the optimized HLO of this case and exit")
     args = p.parse_args(argv)
-    size = parse_size(args.size)
+    sizes = [parse_size(t) for t in args.sizes.split(",") if t.strip()]
     if args.hlo:
         fmt, kw = CASES[SHORT[args.hlo]]
-        x = jax.ShapeDtypeStruct(shape_for(size), jnp.float32)
+        x = jax.ShapeDtypeStruct(shape_for(sizes[0]), jnp.float32)
         f = jax.jit(lambda x: jaxq.dequantize(jaxq.quantize(x, fmt, **kw)))
         print(f.lower(x).compile().as_text())
         return
     names = [SHORT[c.strip()] for c in args.cases.split(",") if c.strip()]
-    load0 = os.getloadavg()[0]
-    rows, t_floor, shape = run(size, args.repeats, names)
-    load1 = os.getloadavg()[0]
-    goal_name, goal = GOAL
-    body = [
-        "# quantize + dequantize throughput",
-        "",
-        environment(),
-        "",
-        f"float32 array of {size} elements, shape {shape}; jitted "
-        "`dequantize(quantize(x, ...))` vs the floor `x * 2.0` (one read + one write); "
-        f"median of {args.repeats} interleaved rounds after warm-up, `block_until_ready`. "
-        "RMSE: of the round trip on N(0, 1) data (a check that it really quantizes). "
-        "CPU time: process CPU seconds summed over threads, a proxy that other processes' "
-        f"load disturbs less than wall time (1-minute load average {load0:.1f} at the start, "
-        f"{load1:.1f} at the end, on {os.cpu_count()} cores).",
-        "",
-        table(rows, t_floor, size),
-        "",
-    ]
-    if goal_name in names:
-        r = next(r for r in rows if r["name"] == goal_name)
-        ratio = r["qdq"] / t_floor[0]
-        ok = "met" if ratio <= goal else "NOT met"
-        body.append(f"Goal: {goal_name} within {goal:g}x of the floor: {ratio:.2f}x ({ok}).")
+    body = ["# quantize + dequantize throughput", "", environment(), ""]
+    for size in sizes:
+        load0 = os.getloadavg()[0]
+        rows, t_floor, shape = run(size, args.repeats, names)
+        load1 = os.getloadavg()[0]
+        body += [
+            f"## {size} elements ({size * 4 / 2**20:.0f} MiB float32), shape {shape}",
+            "",
+            "Jitted `dequantize(quantize(x, ...))` vs the floor `x * 2.0` (one read + one "
+            f"write); median of {args.repeats} interleaved rounds after warm-up, "
+            "`block_until_ready`. RMSE: of the round trip on N(0, 1) data (a check that it "
+            "really quantizes). CPU time: process CPU seconds summed over threads, a proxy "
+            "that other processes' load disturbs less than wall time (1-minute load average "
+            f"{load0:.1f} at the start, {load1:.1f} at the end, on {os.cpu_count()} cores).",
+            "",
+            table(rows, t_floor, size),
+            "",
+        ]
+        goal_name, goal = GOAL
+        if goal_name in names:
+            r = next(r for r in rows if r["name"] == goal_name)
+            ratio = r["qdq"] / t_floor[0]
+            ok = "met" if ratio <= goal else "NOT met"
+            body += [f"Goal: {goal_name} within {goal:g}x of the floor: {ratio:.2f}x ({ok}).", ""]
     text = "\n".join(body) + "\n"
     print(text)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
