@@ -35,6 +35,7 @@ __all__ = [
     "as_scaled_array",
     "asarray",
     "is_scaled",
+    "scaled",
     "block_shape",
     "expand_scale",
     "to_scalar_scale",
@@ -102,6 +103,10 @@ class ScaledArray:
         data: the stored array.
         scale: the float32 scale.
 
+    ``ScaledArray(0, None)`` and other integer/None leaves are accepted unchecked, so that
+    the class can describe pytree specs such as ``jax.vmap(..., in_axes=ScaledArray(0,
+    None))``.
+
     Raises:
         TypeError: if ``data`` is not floating.
         ValueError: if the scale does not tile the data, or (for concrete values) is zero,
@@ -116,6 +121,10 @@ class ScaledArray:
     __slots__ = ("data", "scale")
 
     def __init__(self, data: Any, scale: Any):
+        if data is None or scale is None or isinstance(data, int) and not isinstance(data, bool):
+            # a pytree *spec* (e.g. vmap's in_axes=ScaledArray(0, None)), not a tensor
+            self.data, self.scale = data, scale
+            return
         data = data if isinstance(data, jax.Array | jcore.Tracer) else jnp.asarray(data)
         if not jnp.issubdtype(data.dtype, jnp.floating):
             raise TypeError(f"ScaledArray data must be floating, got dtype {data.dtype}")
@@ -259,6 +268,17 @@ class ScaledArray:
     __hash__ = None  # type: ignore[assignment]
 
 
+def scaled(data: Any, scale: Any) -> ScaledArray:
+    """Builds a ``ScaledArray`` without validation (for rules, on traced or NaN scales).
+
+    The interpreter checks every rule output's shape, dtype and block layout instead.
+    """
+    scale = scale if isinstance(scale, jax.Array | jcore.Tracer) else jnp.asarray(scale)
+    if scale.dtype != jnp.float32:
+        scale = scale.astype(jnp.float32)
+    return ScaledArray.tree_unflatten(None, (data, scale))
+
+
 def is_scaled(x: Any) -> bool:
     """True for a :class:`ScaledArray`."""
     return isinstance(x, ScaledArray)
@@ -345,4 +365,4 @@ def to_scalar_scale(x: ScaledArray) -> ScaledArray:
     s = jnp.max(x.scale)
     wide = jnp.promote_types(x.dtype, jnp.float32)
     data = x.data.astype(wide) * expand_scale(x.scale / s, x.shape)
-    return ScaledArray(data.astype(x.dtype), s)
+    return scaled(data.astype(x.dtype), s)

@@ -22,21 +22,21 @@ import jax.numpy as jnp
 from jax import lax
 from jax.extend.core import primitives as P
 
-from jaxq.scaled.array import ScaledArray, is_scaled, to_scalar_scale
+from jaxq.scaled.array import ScaledArray, is_scaled, scaled, to_scalar_scale
 from jaxq.scaled.interpreter import eval_closed, eval_jaxpr
 from jaxq.scaled.registry import _register_builtin
 
 __all__: list[str] = []
 
 
-def _coerce(x: Any, scaled: bool) -> Any:
-    """``x`` as a scalar-scaled ScaledArray when ``scaled``, else unchanged."""
-    if not scaled:
+def _coerce(x: Any, want_scaled: bool) -> Any:
+    """``x`` as a scalar-scaled ScaledArray when ``want_scaled``, else unchanged."""
+    if not want_scaled:
         return x
     if is_scaled(x):
         x = to_scalar_scale(x)
         return ScaledArray.tree_unflatten(None, (x.data, jnp.reshape(x.scale, ())))
-    return ScaledArray(x, jnp.float32(1.0))
+    return scaled(x, jnp.float32(1.0))
 
 
 def _fixpoint_carry(raw_body, init: list[Any], *extra: Any) -> list[bool]:

@@ -30,7 +30,7 @@ import numpy as np
 from jax import core as jcore
 from jax.extend import core as jex
 
-from jaxq.scaled.array import ScaledArray, is_scaled, to_scalar_scale
+from jaxq.scaled.array import block_shape, is_scaled, scaled, to_scalar_scale
 from jaxq.scaled.registry import ScalifyRuleError, get_rule
 from jaxq.scaled.scales import poison
 
@@ -58,7 +58,7 @@ def _guard_input(x: Any, where: str) -> Any:
         s = np.asarray(x.scale)
         if not np.all(np.isfinite(s) & (s > 0)):
             raise ValueError(f"{where}: ScaledArray scale must be positive and finite, got {s!r}")
-    return ScaledArray(x.data, poison(x.scale))
+    return scaled(x.data, poison(x.scale))
 
 
 def scalify(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -144,6 +144,11 @@ def _check_outputs(eqn: Any, outs: Sequence[Any]) -> list[Any]:
                 f"{tuple(shape)} and dtype {dtype}; the primitive produces shape "
                 f"{want_shape} and dtype {want_dtype}"
             )
+        if is_scaled(o):
+            try:
+                block_shape(o.shape, jnp.shape(o.scale))
+            except ValueError as e:
+                raise ScalifyRuleError(f"scalify rule for primitive {name!r}: {e}") from None
         checked.append(o)
     return checked
 

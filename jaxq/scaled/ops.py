@@ -39,7 +39,7 @@ from jax.interpreters import batching, mlir
 
 from jaxq import formats as F
 from jaxq.quantization import cast as _cast_values
-from jaxq.scaled.array import ScaledArray, asarray, is_scaled
+from jaxq.scaled.array import asarray, is_scaled, scaled
 from jaxq.scaled.registry import _register_builtin
 from jaxq.scaled.rules_elementwise import rescale
 from jaxq.scaled.scales import poison, pow2_round, scale_ok
@@ -103,7 +103,7 @@ cast_p = _primitive("jaxq_cast", _cast_impl)
 def _set_scaling_rule(x, scale):
     s = asarray(scale, jnp.float32) if is_scaled(scale) else jnp.asarray(scale, jnp.float32)
     s = poison(s)
-    return ScaledArray(rescale(x, s), s)
+    return scaled(rescale(x, s), s)
 
 
 def _stop_scaling_rule(x, *, dtype):
@@ -122,7 +122,7 @@ def _norm(d: jax.Array, norm: str) -> jax.Array:
 def _rescale_rule(x, *, norm):
     r = pow2_round(_norm(x.data, norm)) if x.size else jnp.float32(0)
     r = lax.select(scale_ok(r), r, lax.full_like(r, 1))  # zero/inf/NaN norm: keep x as is
-    return ScaledArray(_div_data(x.data, r), x.scale * r)
+    return scaled(_div_data(x.data, r), x.scale * r)
 
 
 def _div_data(d: jax.Array, r: jax.Array) -> jax.Array:
@@ -133,7 +133,7 @@ def _div_data(d: jax.Array, r: jax.Array) -> jax.Array:
 
 
 def _cast_rule(x, *, fmt):
-    return ScaledArray(_cast_values(x.data, fmt), x.scale)
+    return scaled(_cast_values(x.data, fmt), x.scale)
 
 
 _register_builtin(set_scaling_p, _set_scaling_rule)
@@ -162,7 +162,7 @@ _set_scaling.defvjp(_set_scaling_fwd, _set_scaling_bwd)
 def set_scaling(x: Any, scale: Any) -> Any:
     """Re-expresses ``x`` with scale ``scale`` (same value); identity on plain arrays.
 
-    Under scalify the result is ``ScaledArray(value / scale, scale)``; the gradient is
+    Under scalify the result is ``scaled(value / scale, scale)``; the gradient is
     passed through unchanged.
 
     Args:

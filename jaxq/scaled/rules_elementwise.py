@@ -47,7 +47,7 @@ import numpy as np
 from jax import lax
 from jax.extend.core import primitives as P
 
-from jaxq.scaled.array import ScaledArray, expand_scale, is_scaled
+from jaxq.scaled.array import ScaledArray, expand_scale, is_scaled, scaled
 from jaxq.scaled.registry import _register_builtin
 from jaxq.scaled.scales import add_scale, poison, pow2_round, pow2_split, sqrt_split
 
@@ -139,7 +139,7 @@ def _add_like(prim: Any):
             x, c = (a, b) if is_scaled(a) else (b, a)
             s = add_scale(x.scale, _plain_magnitude(c)) if _is_scalar(c) else x.scale
         dtype = _dtype_of(a) if is_scaled(a) else _dtype_of(b)
-        return ScaledArray(prim.bind(rescale(a, s, dtype), rescale(b, s, dtype), **params), s)
+        return scaled(prim.bind(rescale(a, s, dtype), rescale(b, s, dtype), **params), s)
 
     return rule
 
@@ -156,54 +156,54 @@ def _as_factor(c: Any, dtype: Any, grow: bool = False) -> tuple[jax.Array, jax.A
 def _mul(a, b, **params):
     check_blocks("mul", a, b)
     if is_scaled(a) and is_scaled(b):
-        return ScaledArray(P.mul_p.bind(a.data, b.data, **params), poison(a.scale * b.scale))
+        return scaled(P.mul_p.bind(a.data, b.data, **params), poison(a.scale * b.scale))
     x, c = (a, b) if is_scaled(a) else (b, a)
     m, k = _as_factor(c, x.dtype)
     d = P.mul_p.bind(x.data, m, **params) if is_scaled(a) else P.mul_p.bind(m, x.data, **params)
-    return ScaledArray(d, poison(x.scale * k) if _is_scalar(c) else x.scale)
+    return scaled(d, poison(x.scale * k) if _is_scalar(c) else x.scale)
 
 
 def _div(a, b, **params):
     check_blocks("div", a, b)
     if is_scaled(a) and is_scaled(b):
-        return ScaledArray(P.div_p.bind(a.data, b.data, **params), poison(a.scale / b.scale))
+        return scaled(P.div_p.bind(a.data, b.data, **params), poison(a.scale / b.scale))
     if is_scaled(a):
         m, k = _as_factor(b, a.dtype, grow=True)
-        return ScaledArray(P.div_p.bind(a.data, m, **params), poison(a.scale / k))
+        return scaled(P.div_p.bind(a.data, m, **params), poison(a.scale / k))
     m, k = _as_factor(a, b.dtype)
-    return ScaledArray(P.div_p.bind(m, b.data, **params), poison(k / b.scale))
+    return scaled(P.div_p.bind(m, b.data, **params), poison(k / b.scale))
 
 
 # -- unary -----------------------------------------------------------------------------
 def _data_only(prim: Any):
     def rule(x, *rest, **params):
-        return ScaledArray(prim.bind(x.data, *rest, **params), x.scale)
+        return scaled(prim.bind(x.data, *rest, **params), x.scale)
 
     return rule
 
 
 def _sign(x, **params):
-    return ScaledArray(P.sign_p.bind(x.data, **params), jnp.float32(1.0))
+    return scaled(P.sign_p.bind(x.data, **params), jnp.float32(1.0))
 
 
 def _stop_gradient(x, **params):
-    return ScaledArray(lax.stop_gradient(x.data), lax.stop_gradient(x.scale))
+    return scaled(lax.stop_gradient(x.data), lax.stop_gradient(x.scale))
 
 
 def _square(x, **params):
-    return ScaledArray(P.square_p.bind(x.data, **params), poison(x.scale * x.scale))
+    return scaled(P.square_p.bind(x.data, **params), poison(x.scale * x.scale))
 
 
 def _integer_pow(x, *, y, **params):
     s = poison(lax.integer_pow(x.scale, y))
-    return ScaledArray(P.integer_pow_p.bind(x.data, y=y, **params), s)
+    return scaled(P.integer_pow_p.bind(x.data, y=y, **params), s)
 
 
 def _sqrt_like(prim: Any, invert: bool):
     def rule(x, **params):
         t, res = sqrt_split(x.scale)
         d = rescale(ScaledArray.tree_unflatten(None, (x.data, res)), jnp.float32(1.0))
-        return ScaledArray(prim.bind(d, **params), 1.0 / t if invert else t)
+        return scaled(prim.bind(d, **params), 1.0 / t if invert else t)
 
     return rule
 
@@ -214,7 +214,7 @@ def _pow(x, y, **params):
         sy = jnp.exp2(ylog)
         k = pow2_round(sy)
         base = P.pow_p.bind(x.data, y, **params)
-        return ScaledArray(
+        return scaled(
             rescale(ScaledArray.tree_unflatten(None, (base, sy / k)), 1.0), poison(k)
         )
     return _nonlinear(P.pow_p)(x, y, **params)
@@ -231,7 +231,7 @@ def _log(x, **params):
     direct = jnp.isfinite(v) & (jnp.abs(v) >= jnp.finfo(w).tiny)
     split = P.log_p.bind(d, **params) + jnp.log(s)
     out = jnp.where(direct | ~jnp.isfinite(d) | (d == 0), P.log_p.bind(v, **params), split)
-    return ScaledArray(out.astype(x.dtype), jnp.float32(1.0))
+    return scaled(out.astype(x.dtype), jnp.float32(1.0))
 
 
 def _is_finite(x, **params):
@@ -243,7 +243,7 @@ def _nonlinear(prim: Any):
         out = prim.bind(*[value_of(a) for a in args], **params)
         outs = out if prim.multiple_results else [out]
         outs = [
-            ScaledArray(o, jnp.float32(1.0)) if jnp.issubdtype(o.dtype, jnp.floating) else o
+            scaled(o, jnp.float32(1.0)) if jnp.issubdtype(o.dtype, jnp.floating) else o
             for o in outs
         ]
         return outs if prim.multiple_results else outs[0]
@@ -261,7 +261,7 @@ def _in_common_scale(prim: Any, first_plain: int = 0):
         s = common_scale(*ops)
         dtype = next(_dtype_of(o) for o in ops if is_scaled(o))
         datas = [rescale(o, s, dtype) for o in ops]
-        return ScaledArray(prim.bind(*head, *datas, **params), s)
+        return scaled(prim.bind(*head, *datas, **params), s)
 
     return rule
 
@@ -278,7 +278,7 @@ def _compare(prim: Any):
 
 def _convert(x, *, new_dtype, **params):
     if jnp.issubdtype(new_dtype, jnp.floating):
-        return ScaledArray(
+        return scaled(
             P.convert_element_type_p.bind(x.data, new_dtype=new_dtype, **params), x.scale
         )
     return P.convert_element_type_p.bind(value_of(x), new_dtype=new_dtype, **params)

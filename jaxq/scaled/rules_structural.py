@@ -28,7 +28,7 @@ import numpy as np
 from jax import lax
 from jax.extend.core import primitives as P
 
-from jaxq.scaled.array import ScaledArray, expand_scale, is_scaled, to_scalar_scale
+from jaxq.scaled.array import ScaledArray, expand_scale, is_scaled, scaled, to_scalar_scale
 from jaxq.scaled.registry import _register_builtin
 from jaxq.scaled.rules_elementwise import _wide, common_scale, rescale
 from jaxq.scaled.scales import add_scale, poison
@@ -63,25 +63,25 @@ def _bind_keep(prim):
     def rule(x, *rest, **params):
         out = prim.bind(x.data, *rest, **params)
         if prim.multiple_results:
-            return [ScaledArray(o, x.scale) for o in out]
-        return ScaledArray(out, x.scale)
+            return [scaled(o, x.scale) for o in out]
+        return scaled(out, x.scale)
 
     return rule
 
 
 def _transpose(x, *, permutation):
     s = x.scale if jnp.ndim(x.scale) == 0 else jnp.transpose(x.scale, permutation)
-    return ScaledArray(lax.transpose(x.data, permutation), s)
+    return scaled(lax.transpose(x.data, permutation), s)
 
 
 def _squeeze(x, *, dimensions):
     s = x.scale if jnp.ndim(x.scale) == 0 else lax.squeeze(x.scale, dimensions)
-    return ScaledArray(lax.squeeze(x.data, dimensions), s)
+    return scaled(lax.squeeze(x.data, dimensions), s)
 
 
 def _rev(x, *, dimensions):
     s = x.scale if jnp.ndim(x.scale) == 0 else lax.rev(x.scale, dimensions)
-    return ScaledArray(lax.rev(x.data, dimensions), s)
+    return scaled(lax.rev(x.data, dimensions), s)
 
 
 def _broadcast_in_dim(x, *dyn, shape, broadcast_dimensions, **params):
@@ -94,13 +94,13 @@ def _broadcast_in_dim(x, *dyn, shape, broadcast_dimensions, **params):
         for i, j in enumerate(broadcast_dimensions):
             new[j] = s.shape[i] if x.shape[i] == shape[j] else 1
         s = jnp.reshape(s, new)
-    return ScaledArray(d, s)
+    return scaled(d, s)
 
 
 def _slice(x, *, start_indices, limit_indices, strides):
     d = lax.slice(x.data, start_indices, limit_indices, strides)
     if jnp.ndim(x.scale) == 0:
-        return ScaledArray(d, x.scale)
+        return scaled(d, x.scale)
     blocks = x.block_shape
     starts, limits = [], []
     for ax, (a, b, n) in enumerate(zip(start_indices, limit_indices, blocks, strict=True)):
@@ -119,7 +119,7 @@ def _slice(x, *, start_indices, limit_indices, strides):
                 limit_indices=limit_indices,
                 strides=strides,
             )
-    return ScaledArray(d, lax.slice(x.scale, starts, limits))
+    return scaled(d, lax.slice(x.scale, starts, limits))
 
 
 def _common(prim, n_scaled_first: int | None = None):
@@ -131,7 +131,7 @@ def _common(prim, n_scaled_first: int | None = None):
         rest = () if n_scaled_first is None else args[n_scaled_first:]
         s = common_scale(*ops)
         dtype = next(o.dtype for o in ops if is_scaled(o))
-        return ScaledArray(prim.bind(*[rescale(o, s, dtype) for o in ops], *rest, **params), s)
+        return scaled(prim.bind(*[rescale(o, s, dtype) for o in ops], *rest, **params), s)
 
     return rule
 
@@ -139,7 +139,7 @@ def _common(prim, n_scaled_first: int | None = None):
 def _pad(x, padding_value, **params):
     s = common_scale(x, padding_value)
     dtype = x.dtype if is_scaled(x) else padding_value.dtype
-    return ScaledArray(
+    return scaled(
         P.pad_p.bind(rescale(x, s, dtype), rescale(padding_value, s, dtype), **params), s
     )
 
@@ -148,7 +148,7 @@ def _scatter_common(prim):
     def rule(operand, indices, updates, **params):
         s = common_scale(operand, updates)
         dtype = operand.dtype if is_scaled(operand) else updates.dtype
-        return ScaledArray(
+        return scaled(
             prim.bind(rescale(operand, s, dtype), indices, rescale(updates, s, dtype), **params),
             s,
         )
@@ -165,7 +165,7 @@ def _scatter_add(operand, indices, updates, **params):
     d = P.scatter_add_p.bind(
         rescale(operand, s, dtype), indices, rescale(updates, s, dtype), **params
     )
-    return ScaledArray(d, s)
+    return scaled(d, s)
 
 
 def _dynamic_update_slice(operand, update, *indices, **params):
@@ -174,7 +174,7 @@ def _dynamic_update_slice(operand, update, *indices, **params):
     d = P.dynamic_update_slice_p.bind(
         rescale(operand, s, dtype), rescale(update, s, dtype), *indices, **params
     )
-    return ScaledArray(d, s)
+    return scaled(d, s)
 
 
 # -- reductions ------------------------------------------------------------------------
@@ -192,13 +192,13 @@ def _reduce_sum(x, *, axes, **params):
     x, s = _reduce_scale(x, axes)
     k = sqrt_n_scale(int(np.prod([x.shape[a] for a in axes])))
     d = rescale(ScaledArray.tree_unflatten(None, (x.data, jnp.float32(1.0 / k))), 1.0)
-    return ScaledArray(P.reduce_sum_p.bind(d, axes=axes, **params), s * k)
+    return scaled(P.reduce_sum_p.bind(d, axes=axes, **params), s * k)
 
 
 def _reduce_keep(prim):
     def rule(x, *, axes, **params):
         x, s = _reduce_scale(x, axes)
-        return ScaledArray(prim.bind(x.data, axes=axes, **params), s)
+        return scaled(prim.bind(x.data, axes=axes, **params), s)
 
     return rule
 
@@ -213,7 +213,7 @@ def _arg_reduce(prim):
 def _cumsum(x, *, axis, reverse):
     k = sqrt_n_scale(x.shape[axis])
     d = rescale(ScaledArray.tree_unflatten(None, (x.data, jnp.float32(1.0 / k))), 1.0)
-    return ScaledArray(P.cumsum_p.bind(d, axis=axis, reverse=reverse), x.scale * k)
+    return scaled(P.cumsum_p.bind(d, axis=axis, reverse=reverse), x.scale * k)
 
 
 # -- contractions ----------------------------------------------------------------------
@@ -259,7 +259,7 @@ def _dot_general(lhs, rhs, *, dimension_numbers, preferred_element_type=None, **
             if jnp.ndim(s) > 0:
                 s = jnp.reshape(s, [1] * pre + [s.shape[a] for a in free] + [1] * post)
             scale = scale * s
-    return ScaledArray(d, poison(scale))
+    return scaled(d, poison(scale))
 
 
 def _conv(lhs, rhs, *, dimension_numbers, preferred_element_type=None, **params):
@@ -278,12 +278,12 @@ def _conv(lhs, rhs, *, dimension_numbers, preferred_element_type=None, **params)
     for x in (lhs, rhs):
         if is_scaled(x):
             scale = scale * x.scale
-    return ScaledArray(d, poison(scale))
+    return scaled(d, poison(scale))
 
 
 def _top_k(x, **params):
     vals, idx = P.top_k_p.bind(x.data, **params)
-    return [ScaledArray(vals, x.scale), idx]
+    return [scaled(vals, x.scale), idx]
 
 
 def _register() -> None:
