@@ -246,11 +246,21 @@ def _dot_general(lhs, rhs, *, dimension_numbers, preferred_element_type=None, **
     dr = rhs.data if is_scaled(rhs) else rhs
     out_dtype = preferred_element_type
     acc = jnp.float32 if _narrow_out(out_dtype or dl.dtype) else out_dtype
+    final = out_dtype or jnp.result_type(dl.dtype, dr.dtype)
+    # divide by r(sqrt K) before the product, on the smaller operand (a cheaper pass,
+    # exact for power-of-two k), unless that operand is too narrow to take it exactly
+    small_l = int(np.size(dl)) <= int(np.size(dr))
+    small = dl if small_l else dr
+    pre = k > 1 and np.dtype(small.dtype).itemsize >= 4 and not _narrow_out(acc or final)
+    if pre:
+        small = small * jnp.asarray(1.0 / k, small.dtype)
+        dl, dr = (small, dr) if small_l else (dl, small)
     d = P.dot_general_p.bind(
         dl, dr, dimension_numbers=dimension_numbers, preferred_element_type=acc, **params
     )
-    final = out_dtype or jnp.result_type(dl.dtype, dr.dtype)
-    d = (d * jnp.asarray(1.0 / k, d.dtype)).astype(final)
+    if not pre and k > 1:
+        d = d * jnp.asarray(1.0 / k, d.dtype)
+    d = d.astype(final)
     nb, nlf, nrf = len(lb), len(lfree), len(rfree)
     scale = jnp.float32(k)
     for x, free, pre, post in ((lhs, lfree, nb, nrf), (rhs, rfree, nb + nlf, 0)):
