@@ -8,9 +8,12 @@ Example:
     >>> import jax.numpy as jnp
     >>> from jax import lax
     >>> from jaxq.scaled import ScaledArray, as_scaled_array, scalify
-    >>> register(lax.cbrt_p, lambda x: ScaledArray(lax.cbrt(x.data), x.scale ** (1 / 3)),
-    ...          override=True)
+    >>> def cbrt_rule(x, **params):  # cbrt(d * s) = cbrt(d) * cbrt(s)
+    ...     return ScaledArray(lax.cbrt(x.data, **params), x.scale ** (1 / 3))
+    >>> register(lax.cbrt_p, cbrt_rule, override=True)  # replaces the built-in rule
     >>> y = scalify(lax.cbrt)(as_scaled_array(jnp.full(2, 8.0)))
+    >>> round(float(y.data[0] * y.scale), 4)
+    2.0
     >>> restore(lax.cbrt_p)
 """
 

@@ -337,8 +337,8 @@ def asarray(x: Any, dtype: Any = None) -> jax.Array:
     final cast. Non-scaled input is passed to ``jnp.asarray``.
 
     Example:
-        >>> asarray(ScaledArray(jnp.ones(2, jnp.float16), 2.0**20), dtype=jnp.float32)
-        Array([1048576., 1048576.], dtype=float32)
+        >>> float(asarray(ScaledArray(jnp.ones(2, jnp.float16), 2.0**20), jnp.float32)[0])
+        1048576.0
     """
     if not isinstance(x, ScaledArray):
         return jnp.asarray(x, dtype=dtype)
