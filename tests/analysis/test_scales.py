@@ -281,14 +281,39 @@ def test_plot_without_matplotlib_says_how_to_install(tmp_path, monkeypatch):
 
 
 def test_device_statistics_agree_with_host_statistics():
-    w1, b1, w2, x = _tiny(3)
-    x = x.copy()
+    rng = np.random.default_rng(3)
+    w = rng.normal(size=(4, 3)).astype(np.float32)
+    x = rng.normal(size=(5, 4)).astype(np.float32)
     x[0, 0] = np.inf  # non-finite input: counted, excluded from the RMS on both paths
-    host = track_scales(_loss, w1, b1, w2, x)
-    dev = track_scales(_loss, w1, b1, w2, x, stats_on_device=True)
+
+    def f(w, x):
+        return jnp.sum(jnp.tanh(x @ w) * 3.0)
+
+    host = track_scales(f, w, x)
+    dev = track_scales(f, w, x, stats_on_device=True)
     assert [e.name for e in host] == [e.name for e in dev]
     for a, b in zip(host, dev, strict=True):
         assert a.nonfinite == b.nonfinite
         for u, v in ((a.log2_rms, b.log2_rms), (a.log2_amax, b.log2_amax)):
             assert (math.isnan(u) and math.isnan(v)) or u == pytest.approx(v, abs=1e-4)
-    assert host.inputs[3].nonfinite == 1
+    assert host.inputs[1].nonfinite == 1
+    assert host.inputs[1].log2_rms == pytest.approx(_log2_rms(x.ravel()[1:]), abs=1e-6)
+
+
+def test_bfloat16_tensors_and_scan():
+    w = (np.arange(12, dtype=np.float32).reshape(3, 4) / 7 - 0.5).astype(jnp.bfloat16)
+    xs = jnp.ones((5, 3), jnp.bfloat16)
+
+    def f(w, xs):
+        def step(c, x):
+            return c + jnp.tanh(x @ w), None
+
+        c, _ = jax.lax.scan(step, jnp.zeros(4, jnp.bfloat16), xs)
+        return jnp.sum(c.astype(jnp.float32) ** 2)
+
+    rep = track_scales(f, w, xs)
+    assert rep.inputs[0].dtype == "bfloat16"
+    assert rep.inputs[0].log2_rms == pytest.approx(_log2_rms(np.asarray(w, np.float64)), abs=1e-9)
+    scans = [e for e in rep if e.primitive == "scan"]
+    assert {e.phase for e in scans} == {"forward", "backward"}
+    assert rep.gradients["w"].dtype == "bfloat16"
