@@ -74,13 +74,14 @@ def width_sweep(
 def sweep(*, widths=WIDTHS, lrs=LRS, **cfg) -> dict:
     """``{"losses": {width: [val loss per lr]}, "best": {width: lr}, "seconds": float}``."""
     cfg = {**CONFIG, **cfg}
-    tokens = data.load_tokens(max_bytes=cfg.pop("corpus_bytes"))
+    corpus_bytes = cfg.pop("corpus_bytes")
+    tokens = data.load_tokens(max_bytes=corpus_bytes)
     train, val = data.split(tokens)
     t0 = time.perf_counter()
     losses = {w: width_sweep(w, lrs, train=train, val=val, **cfg) for w in widths}
     best = {w: lrs[int(np.nanargmin(v))] for w, v in losses.items()}
     return {"losses": losses, "best": best, "seconds": time.perf_counter() - t0, "lrs": lrs,
-            "config": cfg}  # fmt: skip
+            "config": {**cfg, "corpus_bytes": corpus_bytes}}  # fmt: skip
 
 
 def grid_steps_apart(best: dict, lrs=LRS) -> int:
@@ -97,8 +98,10 @@ def to_markdown(res: dict, command: str) -> str:
         f"Machine: {platform.machine()} CPU ({platform.processor() or 'unknown'}), "
         f"{jax.device_count()} JAX device(s); Python {sys.version.split()[0]}, "
         f"jax {jax.__version__}  ",
-        f"Config: {res['config']}; corpus = jaxq.data default (stdlib sources), "
-        f"validation loss in nats/byte over 4 fixed batches  ",
+        f"Config: {res['config']}; corpus = jaxq.data default (stdlib sources, first "
+        f"corpus_bytes bytes, last 10% held out); validation loss in nats/byte over 4 fixed "
+        f"batches of the held-out part; model = jaxq.unit_scaling.TransformerDecoder "
+        f"(GELU MLP, RMSNorm, u-muP taus), optimiser = jaxq.unit_scaling.optim.adamw  ",
         f"Wall time: {res['seconds']:.0f} s",
         "",
         "| global lr | " + " | ".join(f"width {w}" for w in widths) + " |",

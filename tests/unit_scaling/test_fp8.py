@@ -106,10 +106,12 @@ def _check_fp8_close(width, layers, steps, evaluate):
 
 def test_fp8_training_short():
     """Short: mean training loss of the last 10 of 50 steps (identical batches)."""
-    _check_fp8_close(width=32, layers=1, steps=50, evaluate=False)
+    f32, fp8 = _check_fp8_close(width=32, layers=1, steps=50, evaluate=False)
+    print(f"train loss f32 {f32:.4f}  fp8 {fp8:.4f}  rel {fp8 / f32 - 1:+.4%}")
 
 
 @pytest.mark.fidelity
 def test_fp8_training_full():
     """Full: validation loss after 400 steps at width 128, 2 layers."""
-    _check_fp8_close(width=128, layers=2, steps=400, evaluate=True)
+    f32, fp8 = _check_fp8_close(width=128, layers=2, steps=400, evaluate=True)
+    print(f"val loss f32 {f32:.4f}  fp8 {fp8:.4f}  rel {fp8 / f32 - 1:+.4%}")
