@@ -64,9 +64,27 @@ def normalize(xb: jax.Array, absmax: jax.Array) -> jax.Array:
     return xb * (1.0 / safe)[..., None]
 
 
+def absmax(x: jax.Array, axis: int = -1) -> jax.Array:
+    """``max |x|`` over ``axis`` (finite ``x``), as ``max(max x, -min x)``.
+
+    Computed by one two-output reduction (max and min together) rather than
+    ``jnp.max(jnp.abs(x))``: XLA's CPU backend fuses the elementwise computation of ``x``
+    into this reduction, whereas a plain max-reduction is handed to a library kernel that
+    first writes ``x`` out in full. The value is the same.
+    """
+    axis = axis % x.ndim
+    hi, lo = jax.lax.reduce(
+        (x, x),
+        (np.asarray(-np.inf, x.dtype), np.asarray(np.inf, x.dtype)),
+        lambda a, b: (jnp.maximum(a[0], b[0]), jnp.minimum(a[1], b[1])),
+        (axis,),
+    )
+    return jnp.maximum(hi, -lo)
+
+
 def block_absmax(xb: jax.Array) -> jax.Array:
     """Max of ``|xb|`` over the last axis, with sub-normal results flushed to 0."""
-    a = jnp.max(jnp.abs(xb), axis=-1)
+    a = absmax(xb, -1)
     return jnp.where(a >= TINY, a, 0.0)
 
 
@@ -210,13 +228,17 @@ def round_up_scale(a: jax.Array, dtype) -> jax.Array:
 
 
 def pack4(idx: jax.Array) -> jax.Array:
-    """Packs 4-bit indices ``(..., 2k)`` into bytes ``(..., k)``: ``lo | hi << 4``."""
+    """Packs 4-bit indices ``(..., 2k)`` into bytes ``(..., k)``: ``lo | hi << 4``.
+
+    Written as an OR-reduction over each pair so that XLA fuses the computation of
+    ``idx`` into the packing loop (no full-size intermediate).
+    """
     pairs = idx.astype(jnp.uint8).reshape(*idx.shape[:-1], -1, 2)
-    return pairs[..., 0] | (pairs[..., 1] << 4)
+    shifted = pairs << jnp.array([0, 4], jnp.uint8)
+    return jax.lax.reduce(shifted, np.uint8(0), jax.lax.bitwise_or, (shifted.ndim - 1,))
 
 
 def unpack4(packed: jax.Array) -> jax.Array:
     """Inverse of :func:`pack4`: bytes ``(..., k)`` -> int32 indices ``(..., 2k)``."""
-    lo = packed & jnp.uint8(0x0F)
-    hi = packed >> 4
-    return jnp.stack([lo, hi], axis=-1).reshape(*packed.shape[:-1], -1).astype(jnp.int32)
+    pairs = (packed[..., None] >> jnp.array([0, 4], jnp.uint8)) & jnp.uint8(0x0F)
+    return pairs.reshape(*packed.shape[:-1], -1).astype(jnp.int32)

@@ -6,6 +6,12 @@ for a parameter of shape ``(..., n)`` the codes have shape ``(..., n_pad)`` (8 b
 ``(..., n_pad / 2)`` (4 bits, two codes per byte, the even element in the low nibble) and
 the block scales ``(..., n_pad / block_size)`` -- the same rank as the parameter, so the
 parameter's ``PartitionSpec`` applies to every state array unchanged.
+
+Encoding is split so that the optimizer step compiles to few passes over memory: each
+codec lists its ``reductions`` (functions from the float32 moment to its scale statistics,
+e.g. block maxima) and ``encode(x, stats)`` takes their results. The engine gives every
+reduction and every encoder its own fused recomputation of ``x`` (see
+:func:`jaxq.optim.maps.table_lookup`), so no float32 moment is ever written to memory.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ import numpy as np
 
 from jaxq import formats
 from jaxq.optim import blockwise as bw
-from jaxq.optim.maps import CodeBook
+from jaxq.optim.maps import CodeBook, table_lookup
 
 __all__ = ["QuantizedMoment", "Rank1Moment", "BlockCodec", "FP8Codec", "Rank1Codec"]
 
@@ -49,6 +55,9 @@ class Rank1Moment(NamedTuple):
     codes: jax.Array
     row_max: jax.Array
     col_max: jax.Array
+
+
+_E4M3_VALUES = np.arange(256, dtype=np.uint8).view(formats.E4M3.dtype).astype(np.float32)
 
 
 def _e4m3(x: jax.Array) -> jax.Array:
@@ -87,20 +96,29 @@ class BlockCodec:
         same = tuple(range(ndim))
         return QuantizedMoment(same, same)
 
-    def decode(self, q: QuantizedMoment, shape) -> jax.Array:
+    def decode(self, q: QuantizedMoment, shape, *, copy: int = 0) -> jax.Array:
         idx = bw.unpack4(q.codes) if self.bits == 4 else q.codes
-        vals = self.book.decode(idx)
+        vals = self.book.decode(idx, copy=copy)
         vals = vals.reshape(*vals.shape[:-1], -1, self.block_size)
         x = vals * q.absmax.astype(jnp.float32)[..., None]
         return bw.from_blocks(x, shape[-1])
 
-    def encode(self, x: jax.Array) -> QuantizedMoment:
+    @property
+    def reductions(self):
+        return (self._scale,)
+
+    def _scale(self, x: jax.Array) -> jax.Array:
         xb = bw.to_blocks(x, self.block_size)
-        amax = bw.round_up_scale(bw.block_absmax(xb), self.scale_dtype)
+        return bw.round_up_scale(bw.block_absmax(xb), self.scale_dtype)
+
+    def encode(self, x: jax.Array, stats=None) -> QuantizedMoment:
+        (amax,) = (self._scale(x),) if stats is None else stats
+        xb = bw.to_blocks(x, self.block_size)
         idx = self.book.encode(bw.normalize(xb, amax.astype(jnp.float32)))
         if self.sign_fix:
-            val = self.book.decode(idx)
-            idx = idx - ((xb < 0) & (val >= 0)) + ((xb > 0) & (val < 0))
+            # map values are ascending: value < 0 exactly for indices below `negatives`.
+            neg = self.book.negatives
+            idx = idx - ((xb < 0) & (idx >= neg)) + ((xb > 0) & (idx < neg))
         idx = idx.reshape(*idx.shape[:-2], -1)
         codes = bw.pack4(idx) if self.bits == 4 else idx.astype(jnp.uint8)
         return QuantizedMoment(codes, amax)
@@ -125,14 +143,26 @@ class FP8Codec:
         same = tuple(range(ndim))
         return QuantizedMoment(same, same)
 
-    def decode(self, q: QuantizedMoment, shape) -> jax.Array:
-        vals = q.codes.astype(jnp.float32).reshape(*q.codes.shape[:-1], -1, self.block_size)
+    def decode(self, q: QuantizedMoment, shape, *, copy: int = 0) -> jax.Array:
+        # E4M3 -> float32 through a 256-entry table on the bit pattern: exact, and like the
+        # map codecs it gives each consumer its own fused lookup (see maps.table_lookup).
+        bits = jax.lax.bitcast_convert_type(q.codes, jnp.uint8)
+        vals = table_lookup(_E4M3_VALUES, bits.astype(jnp.int32), copy=copy)
+        vals = vals.reshape(*q.codes.shape[:-1], -1, self.block_size)
         return bw.from_blocks(vals * q.absmax.astype(jnp.float32)[..., None], shape[-1])
 
-    def encode(self, x: jax.Array) -> QuantizedMoment:
+    @property
+    def reductions(self):
+        return (self._scale,)
+
+    def _scale(self, x: jax.Array) -> jax.Array:
         xb = bw.to_blocks(x, self.block_size)
         scale = bw.block_absmax(xb) / np.float32(formats.E4M3.max)
-        scale = bw.round_up_scale(jnp.where(scale >= bw.TINY, scale, 0.0), self.scale_dtype)
+        return bw.round_up_scale(jnp.where(scale >= bw.TINY, scale, 0.0), self.scale_dtype)
+
+    def encode(self, x: jax.Array, stats=None) -> QuantizedMoment:
+        (scale,) = (self._scale(x),) if stats is None else stats
+        xb = bw.to_blocks(x, self.block_size)
         codes = _e4m3(bw.normalize(xb, scale.astype(jnp.float32)))
         return QuantizedMoment(codes.reshape(*codes.shape[:-2], -1), scale)
 
@@ -167,15 +197,29 @@ class Rank1Codec:
     def _norm(self, row, col):
         return jnp.minimum(row[..., :, None], col[..., None, :])
 
-    def decode(self, q: Rank1Moment, shape) -> jax.Array:
+    def decode(self, q: Rank1Moment, shape, *, copy: int = 0) -> jax.Array:
         idx = bw.unpack4(q.codes)[..., : shape[-1]]
-        return self.book.decode(idx) * self._norm(q.row_max, q.col_max)
+        return self.book.decode(idx, copy=copy) * self._norm(q.row_max, q.col_max)
 
-    def encode(self, x: jax.Array) -> Rank1Moment:
-        row = jnp.max(x, axis=-1)
+    @property
+    def reductions(self):
+        return (self._row, self._col)
+
+    @staticmethod
+    def _row(x: jax.Array) -> jax.Array:
+        row = bw.absmax(x, -1)  # x >= 0: max |x| = max x
+        return jnp.where(row >= bw.TINY, row, 0.0)
+
+    @staticmethod
+    def _col(x: jax.Array) -> jax.Array:
+        # A plain max: the partitioner splits it across a sharded row axis (partial maxima,
+        # then an all-reduce), which it does not do for the two-output reduction of
+        # bw.absmax. (On CPU this costs one float32 intermediate of x's size.)
         col = jnp.max(x, axis=-2)
-        row = jnp.where(row >= bw.TINY, row, 0.0)
-        col = jnp.where(col >= bw.TINY, col, 0.0)
+        return jnp.where(col >= bw.TINY, col, 0.0)
+
+    def encode(self, x: jax.Array, stats=None) -> Rank1Moment:
+        row, col = (self._row(x), self._col(x)) if stats is None else stats
         norm = self._norm(row, col)
         ratio = x / jnp.where(norm > 0, norm, 1.0)
         idx = self.book.encode(ratio)

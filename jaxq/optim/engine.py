@@ -15,6 +15,7 @@ of one parameter's shape, plus one codec per moment. The engine
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -45,18 +46,41 @@ def _is_quantized(s) -> bool:
 
 
 def step_moments(updates, moments: Sequence[Any], codecs: Codecs, step: Callable):
-    """Applies ``step`` leaf by leaf; returns ``(updates, new_moments)`` (same structures)."""
+    """Applies ``step`` leaf by leaf; returns ``(updates, new_moments)`` (same structures).
+
+    For a leaf with quantized state the float32 moments are never stored: the step is
+    traced once per consumer -- each scale reduction of each codec, each encoder and the
+    update -- with its own private copy of the decoding tables
+    (:func:`jaxq.optim.maps.table_lookup`), so XLA fuses decode, step and consumer into
+    one loop each. Every copy computes the same float32 values, so the numerics are those
+    of a single decode -> step -> encode.
+    """
     n = len(moments)
 
     def leaf(g, *states):
         shape = g.shape
-        g32, finite = sanitize(g)
         cs = [codecs(g.ndim)[k] if _is_quantized(s) else None for k, s in enumerate(states)]
-        old = [s if c is None else c.decode(s, shape) for s, c in zip(states, cs, strict=True)]
-        u, new = step(g32, old)
-        new = [jnp.where(finite, m, o) for m, o in zip(new, old, strict=True)]
-        u = jnp.where(finite, u, 0.0).astype(g.dtype)
-        enc = [m if c is None else c.encode(m) for m, c in zip(new, cs, strict=True)]
+
+        def fresh(copy: int):
+            g32, finite = sanitize(g)
+            old = [
+                s if c is None else c.decode(s, shape, copy=copy)
+                for s, c in zip(states, cs, strict=True)
+            ]
+            u, new = step(g32, old)
+            new = [jnp.where(finite, m, o) for m, o in zip(new, old, strict=True)]
+            return jnp.where(finite, u, 0.0).astype(g.dtype), new
+
+        u, new = fresh(0)
+        copies = itertools.count(1)
+        stats = [
+            None if c is None else tuple(r(fresh(next(copies))[1][k]) for r in c.reductions)
+            for k, c in enumerate(cs)
+        ]
+        enc = [
+            new[k] if c is None else c.encode(fresh(next(copies))[1][k], stats[k])
+            for k, c in enumerate(cs)
+        ]
         return (u, *enc)
 
     out = jax.tree.map(leaf, updates, *moments)

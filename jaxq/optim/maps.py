@@ -196,6 +196,28 @@ def _bucket_table(mids: np.ndarray) -> tuple[np.ndarray, int]:
     return count.astype(np.uint8), shift
 
 
+def _even_grid(values: np.ndarray) -> tuple[float, float] | None:
+    """``(2 / d, 2 * j0 + 1)`` when ``values[j] == (j + j0) * d`` exactly, ``d = 2**k``, else None.
+
+    Then ``mids[j] = (2 * (j + j0) + 1) * d / 2`` exactly, and with ``t = x * 2 / d`` (exact)
+    ``#{j : mids[j] < x} = #{j < n - 1 : j < (t - 2 * j0 - 1) / 2}``; the subtraction and
+    halving are exact while ``|t| < 2**22``, so the closed form matches the comparisons.
+    """
+    n = values.size
+    if n < 2 or n > 2**16:
+        return None
+    d = float(values[1]) - float(values[0])
+    if d <= 0 or np.frexp(d)[0] != 0.5:
+        return None
+    j0 = float(values[0]) / d
+    if j0 != int(j0) or not 0 <= j0 < 2**16:
+        return None
+    want = ((np.arange(n) + j0) * d).astype(np.float32)
+    if not np.array_equal(want, values) or np.abs(values).max() * 2 / d >= 2**22:
+        return None
+    return 2.0 / d, 2.0 * j0 + 1.0
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class CodeBook:
     """A quantization map plus its nearest-code search (hashable by identity; static).
@@ -203,8 +225,11 @@ class CodeBook:
     ``encode(x)`` returns, for each element, the index of the nearest map value (ties go to
     the lower index): ``#{j : mids[j] < x}`` with ``mids`` the float32 midpoints
     ``(values[j] + values[j + 1]) / 2``. Maps with more than 16 values search with a
-    bucket table over the float32 bit pattern of ``x`` plus one comparison; small maps
-    compare against every midpoint.
+    bucket table over the float32 bit pattern of ``x`` plus one comparison; evenly spaced
+    maps ``values[j] = (j + j0) * d`` (``d`` a power of two, e.g. :func:`linear_map_4bit`)
+    use the closed form ``clip(ceil((x * 2 / d - (2 * j0 + 1)) / 2), 0, n - 1)``, exact in
+    float32 for ``|x| * 2 / d < 2**22`` (every step is exact there), which reads ``x``
+    once; other small maps compare against every midpoint.
 
     Attributes:
         name: a label.
@@ -221,6 +246,7 @@ class CodeBook:
     mids: np.ndarray
     table: np.ndarray | None
     shift: int
+    grid: tuple[float, float] | None = None  # (2 / d, 2 * j0 + 1) for evenly spaced maps
 
     @classmethod
     def of(cls, name: str, values: np.ndarray) -> CodeBook:
@@ -230,7 +256,7 @@ class CodeBook:
             table, shift = _bucket_table(mids)
         else:
             table, shift = None, 0
-        return cls(name, values, mids, table, shift)
+        return cls(name, values, mids, table, shift, _even_grid(values))
 
     @property
     def zero_index(self) -> int:
@@ -240,23 +266,46 @@ class CodeBook:
     def encode(self, x: jax.Array) -> jax.Array:
         """Nearest-code index (int32) of each element of float32 ``x``; NaN-free input."""
         x = jnp.asarray(x, jnp.float32)
+        if self.grid is not None:
+            scale, offset = self.grid
+            t = (x * np.float32(scale) - np.float32(offset)) * np.float32(0.5)
+            return jnp.clip(jnp.ceil(t), 0, self.values.size - 1).astype(jnp.int32)
         if self.table is None:
             idx = jnp.zeros(x.shape, jnp.int32)
             for m in self.mids:
                 idx = idx + (x > m).astype(jnp.int32)
             return idx
         bits = jax.lax.bitcast_convert_type(x, jnp.uint32) >> self.shift
-        cand = _lookup(self.table, bits.astype(jnp.int32)).astype(jnp.int32)
+        cand = table_lookup(self.table, bits.astype(jnp.int32)).astype(jnp.int32)
         mids = np.append(self.mids, np.float32(np.inf))
-        return cand + (x > _lookup(mids, cand)).astype(jnp.int32)
+        return cand + (x > table_lookup(mids, cand)).astype(jnp.int32)
 
-    def decode(self, idx: jax.Array) -> jax.Array:
-        """Map values (float32) at integer indices ``idx``."""
-        return _lookup(self.values, idx.astype(jnp.int32))
+    @property
+    def negatives(self) -> int:
+        """Number of negative map values: ``values[i] < 0`` exactly when ``i < negatives``."""
+        return int(np.count_nonzero(self.values < 0))
+
+    def decode(self, idx: jax.Array, *, copy: int = 0) -> jax.Array:
+        """Map values (float32) at integer indices ``idx``.
+
+        ``copy`` selects a private copy of the table (see :func:`table_lookup`); every copy
+        gives the same values.
+        """
+        return table_lookup(self.values, idx.astype(jnp.int32), copy=copy)
 
 
-def _lookup(table: np.ndarray, idx: jax.Array) -> jax.Array:
-    """``table[idx]`` for a small constant table; the result is sharded like ``idx``."""
+def table_lookup(table: np.ndarray, idx: jax.Array, *, copy: int = 0) -> jax.Array:
+    """``table[idx]`` for a small constant table; the result is sharded like ``idx``.
+
+    ``copy = k`` gathers from the table followed by ``k`` unused zeros. The values are the
+    same for every ``k``, but XLA cannot merge lookups from tables of different lengths, so
+    each consumer of a decoded moment (a block-maximum reduction, an encoder, the
+    parameter update) keeps its own lookup fused into its own loop instead of sharing one
+    materialised float32 copy of the moment.
+    """
+    table = np.asarray(table)
+    if copy:
+        table = np.concatenate([table, np.zeros(copy, table.dtype)])
     return jnp.asarray(table).at[idx].get(out_sharding=jax.typeof(idx).sharding, mode="clip")
 
 

@@ -1,0 +1,82 @@
+"""The pieces that keep the quantized update step to few passes over memory.
+
+Each is checked against its plain definition, and the compiled 8-bit and FP8 AdamW steps
+are checked to write no float32 intermediate of the parameter's size.
+"""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from jaxq import optim
+from jaxq.optim import blockwise as bw
+from jaxq.optim import maps
+
+
+def _compare_count(book, x):
+    """Reference nearest-code rule: #{j : mids[j] < x} in float32."""
+    return (x[:, None] > book.mids[None, :]).sum(axis=1)
+
+
+def test_linear_map_closed_form_matches_comparisons():
+    book = maps.LINEAR4
+    assert book.grid is not None
+    mids = book.mids
+    near = [np.nextafter(mids, np.float32(-np.inf)), mids, np.nextafter(mids, np.float32(np.inf))]
+    rng = np.random.default_rng(0)
+    edges = np.array([0.0, -0.0, 1.0, 1.5, 1e-45, 1e-38, 1 / 16, 3 / 32, 0.5], np.float32)
+    x = np.concatenate([*near, edges, rng.random(20000, np.float32), -rng.random(100, np.float32)])
+    x = x.astype(np.float32)
+    got = np.asarray(jax.jit(book.encode)(jnp.asarray(x)))
+    np.testing.assert_array_equal(got, _compare_count(book, x))
+
+
+def test_only_evenly_spaced_power_of_two_maps_get_closed_form():
+    assert maps.SIGNED4.grid is None and maps.SIGNED8.grid is None
+    assert maps.CodeBook.of("thirds", np.array([0, 1, 2], np.float32) / 3).grid is None
+    assert maps.CodeBook.of("eighths", np.arange(8, dtype=np.float32) / 8).grid == (16.0, 1.0)
+
+
+@pytest.mark.parametrize("copy", [1, 3])
+def test_table_copies_decode_identically(copy):
+    idx = jnp.arange(256, dtype=jnp.int32)
+    for book in (maps.SIGNED8, maps.UNSIGNED8):
+        np.testing.assert_array_equal(book.decode(idx, copy=copy), book.values)
+
+
+def test_sign_fix_index_rule_matches_values():
+    for book in (maps.SIGNED8, maps.SIGNED4):
+        i = np.arange(book.values.size)
+        np.testing.assert_array_equal(i < book.negatives, book.values < 0)
+
+
+def test_absmax_and_pack4():
+    x = jax.random.normal(jax.random.key(0), (6, 4, 32)).at[0, 0, 3].set(-9.0)
+    np.testing.assert_array_equal(bw.absmax(x), jnp.max(jnp.abs(x), axis=-1))
+    np.testing.assert_array_equal(bw.absmax(x, 0), jnp.max(jnp.abs(x), axis=0))
+    idx = jax.random.randint(jax.random.key(1), (3, 64), 0, 16)
+    packed = bw.pack4(idx)
+    np.testing.assert_array_equal(packed, (idx[:, 0::2] | (idx[:, 1::2] << 4)).astype(np.uint8))
+    np.testing.assert_array_equal(bw.unpack4(packed), idx)
+
+
+@pytest.mark.parametrize("factory", [optim.adamw_8bit, optim.adamw_fp8])
+def test_compiled_step_writes_no_float32_moment(factory):
+    n = 512
+    tx = factory(1e-3)
+    p = jnp.zeros((n, n))
+
+    def step(p, s, g):
+        u, s = tx.update(g, s, p)
+        return optax.apply_updates(p, u), s
+
+    s = jax.eval_shape(tx.init, p)
+    hlo = jax.jit(step, donate_argnums=(0, 1)).lower(p, s, p).compile().as_text()
+    entry = hlo[hlo.index("ENTRY") :]
+    full = re.findall(r"= f32\[(?:512,512|512,2,256|262144,1)\]\{[^}]*\} (\S+)\(", entry)
+    ops = [op for op in full if op != "parameter"]
+    assert ops == ["fusion"], ops  # only the parameter update itself
