@@ -23,7 +23,8 @@ import numpy as np
 from jaxq import formats as F
 
 __all__ = [
-    "Absmax", "Percentile", "MSE", "AmaxHistory", "Calibration", "finite_abs", "scale_for_amax",
+    "Absmax", "Percentile", "MSE", "AmaxHistory", "Calibration", "finite_abs", "raw_amax",
+    "scale_for_amax",
 ]  # fmt: skip
 
 
@@ -88,13 +89,22 @@ def scale_for_amax(amax: jax.Array, m: float) -> jax.Array:
     multiplications only, because XLA's float division is not correctly rounded on CPU.
     """
     amax = jax.lax.stop_gradient(amax)  # scales are not differentiated (see fake_quant)
-    amax = jnp.where(amax > 0, amax, jnp.float32(m))
-    s = amax * jnp.float32(1.0 / m)
+    amax = jnp.where(amax > 0, amax, jnp.float32(m))[..., None]
+    s = amax * jnp.float32(1.0 / m)  # within an ulp or two of amax / m
     down, up = jnp.float32(-jnp.inf), jnp.float32(jnp.inf)
-    s = jnp.nextafter(jnp.nextafter(s, down), down)
-    for _ in range(4):  # step up to the smallest candidate that covers amax
-        s = jnp.where(s * jnp.float32(m) >= amax, s, jnp.nextafter(s, up))
-    return s
+    lo2 = jnp.nextafter(jnp.nextafter(s, down), down)
+    up1 = jnp.nextafter(s, up)
+    cands = jnp.concatenate(
+        [lo2, jnp.nextafter(s, down), s, up1, jnp.nextafter(up1, up)], axis=-1
+    )
+    # The smallest candidate covering amax. Being a reduction, XLA materialises it once
+    # instead of recomputing it inside every per-element loop that reads the scale.
+    return jnp.min(jnp.where(cands * jnp.float32(m) >= amax, cands, up), axis=-1)
+
+
+def raw_amax(xg: jax.Array, axes: tuple[int, ...]) -> jax.Array:
+    """NaN-propagating ``max |x|`` of each group (reduced axes kept as size 1)."""
+    return jnp.max(jnp.abs(xg), axis=axes, keepdims=True)
 
 
 def group_amax(
@@ -108,10 +118,16 @@ def group_amax(
     ``sq_error(amax)`` returns the per-group squared quantization error for a candidate
     ``amax`` (needed by :class:`MSE` only).
     """
-    a = finite_abs(xg.astype(jnp.float32))
-    amax = jnp.max(a, axis=axes, keepdims=True)
+    raw = raw_amax(xg, axes)
+    # One cheap reduction in the common case; the masked one only if something is not finite.
+    amax = jax.lax.cond(
+        jnp.all(jnp.isfinite(raw)),
+        lambda: raw,
+        lambda: jnp.max(finite_abs(xg), axis=axes, keepdims=True),
+    )
     if isinstance(calibration, Absmax):
         return amax
+    a = finite_abs(xg)
     if isinstance(calibration, Percentile):
         return jnp.percentile(a, calibration.q, axis=axes, keepdims=True)
     if isinstance(calibration, MSE):

@@ -55,17 +55,32 @@ def _round_grid(y: jax.Array, rounding: Rounding, key) -> jax.Array:
     return lo + (_uniform(key, y.shape) < (y - lo)).astype(y.dtype)
 
 
+def pow2(k: jax.Array) -> jax.Array:
+    """Exact float32 ``2^k`` for integer ``k`` in ``[-126, 127]``, built from the bits."""
+    return jax.lax.bitcast_convert_type(((k + 127) << 23).astype(jnp.int32), jnp.float32)
+
+
+def floor_log2(a: jax.Array) -> jax.Array:
+    """``floor(log2(a))`` of float32 ``a > 0`` from its exponent bits (-127 for 0)."""
+    return ((jax.lax.bitcast_convert_type(a, jnp.int32) >> 23) & 0xFF) - 127
+
+
 def float_magnitude(a: jax.Array, fmt: F.FloatFormat, rounding: Rounding, key) -> jax.Array:
     """Rounds non-negative finite ``a`` (float32) onto ``fmt``'s grid, before saturation."""
-    _, k = jnp.frexp(a)  # a = f * 2^k with f in [0.5, 1)
-    e = jnp.maximum(k - 1, fmt.emin)
-    if fmt.mantissa_bits == 0 and rounding == "nearest":
-        # E8M0: powers of two; ml_dtypes rounds the mantissa half-up (1.5 * 2^e -> 2^(e+1)).
-        f, _ = jnp.frexp(a)
-        up = (f >= 0.75) & (k - 1 >= fmt.emin)
-        return jnp.ldexp(jnp.ones_like(a), e + up.astype(e.dtype))
-    ulp = jnp.ldexp(jnp.ones_like(a), e - fmt.mantissa_bits)
-    return _round_grid(a / ulp, rounding, key) * ulp
+    if fmt.mantissa_bits == 0:  # E8M0: its exponent range exceeds float32's normal range
+        _, k = jnp.frexp(a)  # a = f * 2^k with f in [0.5, 1)
+        e = jnp.maximum(k - 1, fmt.emin)
+        if rounding == "nearest":
+            # Powers of two; ml_dtypes rounds the mantissa half-up (1.5·2^e -> 2^(e+1)).
+            f, _ = jnp.frexp(a)
+            up = (f >= 0.75) & (k - 1 >= fmt.emin)
+            return jnp.ldexp(jnp.ones_like(a), e + up.astype(e.dtype))
+        ulp = jnp.ldexp(jnp.ones_like(a), e)
+        return _round_grid(a / ulp, rounding, key) * ulp
+    e = jnp.maximum(floor_log2(a), fmt.emin)
+    # Multiplying by powers of two is exact, so y is a / ulp exactly.
+    y = a * pow2(fmt.mantissa_bits - e)
+    return _round_grid(y, rounding, key) * pow2(e - fmt.mantissa_bits)
 
 
 def _cast_float(x, fmt: F.FloatFormat, rounding: Rounding, key, saturate: bool) -> jax.Array:

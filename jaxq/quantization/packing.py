@@ -51,9 +51,10 @@ def pack(codes: jax.Array, *, bits: int) -> jax.Array:
     if pad:
         c = jnp.pad(c, [(0, 0)] * (c.ndim - 1) + [(0, pad)])
     c = c.reshape(*c.shape[:-1], -1, g)
-    word = jnp.zeros(c.shape[:-1], jnp.uint32)
-    for j in range(g):
-        word = word | (c[..., j] << (j * bits))
+    # The fields are disjoint, so OR is a sum. As a reduction it is also materialised once,
+    # rather than fused into (and recomputed by) every consumer of the packed bytes.
+    shifts = jnp.arange(g, dtype=jnp.uint32) * bits
+    word = jnp.sum(c << shifts, axis=-1, dtype=jnp.uint32)
     out = jnp.stack([(word >> (8 * k)) & 0xFF for k in range(nbytes)], axis=-1)
     return out.reshape(*out.shape[:-2], -1).astype(jnp.uint8)
 

@@ -36,22 +36,23 @@ from jaxq.quantization import packing
 from jaxq.quantization.calibration import (
     Absmax,
     Calibration,
-    finite_abs,
     group_amax,
+    raw_amax,
     scale_for_amax,
 )
-from jaxq.quantization.cast import _check_float_input, _check_rounding, _round_grid
+from jaxq.quantization.cast import (
+    _check_float_input,
+    _check_rounding,
+    _round_grid,
+    floor_log2,
+    pow2,
+)
 from jaxq.quantization.codes import decode, encode
 from jaxq.quantization.qarray import Layout, QArray
 
 __all__ = ["quantize", "dequantize", "pow2"]
 
 _NVFP4_DENOM = 448.0 * 6.0
-
-
-def pow2(k: jax.Array) -> jax.Array:
-    """Exact float32 ``2^k`` for integer ``k`` in ``[-126, 127]`` (built from the bits)."""
-    return jax.lax.bitcast_convert_type(((k + 127) << 23).astype(jnp.int32), jnp.float32)
 
 
 def _normalize_axis(axis: int, ndim: int, shape) -> int:
@@ -107,13 +108,14 @@ def _broadcast_amax(amax, layout: Layout, shape) -> jax.Array:
 
 
 def _poison(xg, red, elem) -> jax.Array:
-    """True for groups holding a value the element format cannot encode."""
-    bad = jnp.zeros(xg.shape, bool)
-    if not elem.has_nan:
-        bad = bad | jnp.isnan(xg)
-    if not elem.has_inf and not elem.has_nan:
-        bad = bad | jnp.isinf(xg)
-    return jnp.any(bad, axis=red, keepdims=True)
+    """True for groups holding a value the element format cannot encode.
+
+    Every element format either encodes NaN (FP8) or encodes neither NaN nor inf, so the
+    test is whether the NaN-propagating ``max |x|`` of the group is finite.
+    """
+    if elem.has_nan:
+        return jnp.zeros((), bool)
+    return ~jnp.isfinite(raw_amax(xg, red))
 
 
 def _element_codes(xg, red, fmt, calibration, amax, rounding, key):
@@ -154,8 +156,7 @@ def _mx_codes(xg, red, fmt: F.BlockFormat, calibration, amax, rounding, key):
     elem = fmt.element
 
     def exponent(a):
-        _, k = jnp.frexp(a)
-        return jnp.where(a > 0, jnp.clip(k - 1 - elem.emax, -127, 127), 0)
+        return jnp.where(a > 0, jnp.clip(floor_log2(a) - elem.emax, -127, 127), 0)
 
     def qdq_error(a):
         e = exponent(a)
@@ -172,7 +173,10 @@ def _mx_codes(xg, red, fmt: F.BlockFormat, calibration, amax, rounding, key):
 
 def _nvfp4_codes(xg, red, fmt: F.BlockFormat, calibration, amax, rounding, key):
     elem = fmt.element
-    t_amax = jnp.max(finite_abs(xg)) if amax is None else jnp.asarray(amax, jnp.float32)
+    if amax is None:
+        t_amax = group_amax(xg, tuple(range(xg.ndim)), Absmax()).reshape(())
+    else:
+        t_amax = jnp.asarray(amax, jnp.float32)
     s_t = scale_for_amax(t_amax, _NVFP4_DENOM)
 
     def block_scale(a):
