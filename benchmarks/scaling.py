@@ -174,7 +174,30 @@ def bench_scalify_gpt(args: argparse.Namespace) -> list[dict]:
     return rows
 
 
-BENCHMARKS: list[Callable[[argparse.Namespace], list[dict]]] = [bench_scalify_gpt]
+def bench_unit_scaled_decoder(args: argparse.Namespace) -> list[dict]:
+    """A unit-scaled (u-μP) decoder's train step against the plain decoder's."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from unit_scaling_step import rows as unit_rows
+
+    rows = []
+    for r in unit_rows(repeats=args.repeats):
+        rows.append({
+            "benchmark": f"decoder train step, {r['case']}", "baseline": "plain decoder",
+            "variant": "jaxq.unit_scaling.TransformerDecoder",
+            "step ms (base)": f"{r['baseline_ms']:.2f}", "step ms (variant)": f"{r['step_ms']:.2f}",
+            "step ratio": f"{r['ratio']:.2f}x", "goal": "",
+            "compile s (base)": f"{r['baseline_compile_s']:.2f}",
+            "compile s (variant)": f"{r['compile_s']:.2f}",
+            "compile ratio": f"{r['compile_s'] / r['baseline_compile_s']:.2f}x",
+        })  # fmt: skip
+        print(rows[-1], flush=True)
+    return rows
+
+
+BENCHMARKS: list[Callable[[argparse.Namespace], list[dict]]] = [
+    bench_scalify_gpt,
+    bench_unit_scaled_decoder,
+]
 
 
 # -- report ---------------------------------------------------------------------------------
