@@ -33,6 +33,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/quantize.py
 	$(BIN)/python benchmarks/optim.py
 	$(BIN)/python benchmarks/scaling.py
+	$(BIN)/python benchmarks/umup_transfer.py
 
 clean:
 	rm -rf .venv .venv-* build dist *.egg-info .pytest_cache .ruff_cache .hypothesis
