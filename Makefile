@@ -21,7 +21,7 @@ lint: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q -n 2 -m "not fidelity"
+	$(BIN)/python -m pytest -q -n 2 -m "not fidelity" --doctest-modules tests jaxq kernels
 
 fidelity: $(STAMP)
 	$(BIN)/python -m pytest -q -m "fidelity"
