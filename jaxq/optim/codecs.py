@@ -111,15 +111,39 @@ class BlockCodec:
         xb = bw.to_blocks(x, self.block_size)
         return bw.round_up_scale(bw.block_absmax(xb), self.scale_dtype)
 
-    def encode(self, x: jax.Array, stats=None) -> QuantizedMoment:
-        (amax,) = (self._scale(x),) if stats is None else stats
+    def block_parts(self, xb: jax.Array):
+        """Operands of the block reduction over the last axis of ``xb``: ``(max, min)``."""
+        return ((xb, "max"), (xb, "min"))
+
+    def block_stats(self, reduced) -> tuple:
+        """The stats (as ``reductions`` gives them) from the reduced :meth:`block_parts`."""
+        hi, lo = reduced
+        a = jnp.maximum(hi, -lo)
+        return (bw.round_up_scale(jnp.where(a >= bw.TINY, a, 0.0), self.scale_dtype),)
+
+    def _index(self, x: jax.Array, amax: jax.Array) -> jax.Array:
         xb = bw.to_blocks(x, self.block_size)
         idx = self.book.encode(bw.normalize(xb, amax.astype(jnp.float32)))
         if self.sign_fix:
             # map values are ascending: value < 0 exactly for indices below `negatives`.
             neg = self.book.negatives
             idx = idx - ((xb < 0) & (idx >= neg)) + ((xb > 0) & (idx < neg))
-        idx = idx.reshape(*idx.shape[:-2], -1)
+        return idx.reshape(*idx.shape[:-2], -1)
+
+    def code_parts(self, x: jax.Array, stats):
+        """uint8 parts ``(..., bytes, k)`` and shifts: ``byte = OR_j parts[..., j] << s_j``."""
+        idx = self._index(x, stats[0]).astype(jnp.uint8)
+        if self.bits == 4:
+            return idx.reshape(*idx.shape[:-1], -1, 2), (0, 4)
+        return idx[..., None], (0,)
+
+    def from_bytes(self, codes: jax.Array, stats) -> QuantizedMoment:
+        """The state from the code bytes assembled from :meth:`code_parts`."""
+        return QuantizedMoment(codes, stats[0])
+
+    def encode(self, x: jax.Array, stats=None) -> QuantizedMoment:
+        (amax,) = (self._scale(x),) if stats is None else stats
+        idx = self._index(x, amax)
         codes = bw.pack4(idx) if self.bits == 4 else idx.astype(jnp.uint8)
         return QuantizedMoment(codes, amax)
 
@@ -159,6 +183,26 @@ class FP8Codec:
         xb = bw.to_blocks(x, self.block_size)
         scale = bw.block_absmax(xb) / np.float32(formats.E4M3.max)
         return bw.round_up_scale(jnp.where(scale >= bw.TINY, scale, 0.0), self.scale_dtype)
+
+    def block_parts(self, xb: jax.Array):
+        """Operands of the block reduction over the last axis of ``xb``: ``(max, min)``."""
+        return ((xb, "max"), (xb, "min"))
+
+    def block_stats(self, reduced) -> tuple:
+        """The stats (as ``reductions`` gives them) from the reduced :meth:`block_parts`."""
+        hi, lo = reduced
+        a = jnp.maximum(hi, -lo)
+        scale = jnp.where(a >= bw.TINY, a, 0.0) / np.float32(formats.E4M3.max)
+        return (bw.round_up_scale(jnp.where(scale >= bw.TINY, scale, 0.0), self.scale_dtype),)
+
+    def code_parts(self, x: jax.Array, stats):
+        """uint8 ``(..., bytes, 1)`` (the E4M3 bit patterns) and shifts ``(0,)``."""
+        codes = self.encode(x, stats).codes
+        return jax.lax.bitcast_convert_type(codes, jnp.uint8)[..., None], (0,)
+
+    def from_bytes(self, codes: jax.Array, stats) -> QuantizedMoment:
+        """The state from the code bytes assembled from :meth:`code_parts`."""
+        return QuantizedMoment(jax.lax.bitcast_convert_type(codes, formats.E4M3.dtype), stats[0])
 
     def encode(self, x: jax.Array, stats=None) -> QuantizedMoment:
         (scale,) = (self._scale(x),) if stats is None else stats
@@ -218,14 +262,25 @@ class Rank1Codec:
         col = jnp.max(x, axis=-2)
         return jnp.where(col >= bw.TINY, col, 0.0)
 
-    def encode(self, x: jax.Array, stats=None) -> Rank1Moment:
-        row, col = (self._row(x), self._col(x)) if stats is None else stats
+    def _index(self, x: jax.Array, row, col) -> jax.Array:
         norm = self._norm(row, col)
-        ratio = x / jnp.where(norm > 0, norm, 1.0)
-        idx = self.book.encode(ratio)
+        idx = self.book.encode(x / jnp.where(norm > 0, norm, 1.0))
         if x.shape[-1] % 2:
             idx = jnp.pad(idx, [(0, 0)] * (idx.ndim - 1) + [(0, 1)])
-        return Rank1Moment(bw.pack4(idx), row, col)
+        return idx
+
+    def code_parts(self, x: jax.Array, stats):
+        """uint8 nibble pairs ``(..., r, ceil(c / 2), 2)`` and shifts ``(0, 4)``."""
+        idx = self._index(x, *stats).astype(jnp.uint8)
+        return idx.reshape(*idx.shape[:-1], -1, 2), (0, 4)
+
+    def from_bytes(self, codes: jax.Array, stats) -> Rank1Moment:
+        """The state from the code bytes assembled from :meth:`code_parts`."""
+        return Rank1Moment(codes, *stats)
+
+    def encode(self, x: jax.Array, stats=None) -> Rank1Moment:
+        row, col = (self._row(x), self._col(x)) if stats is None else stats
+        return Rank1Moment(bw.pack4(self._index(x, row, col)), row, col)
 
 
 def place_like(param, state, dims):

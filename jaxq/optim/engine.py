@@ -21,7 +21,9 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from jaxq.optim import blockwise as bw
 from jaxq.optim import codecs as cd
 from jaxq.optim.common import quantize_mask, sanitize
 
@@ -73,16 +75,91 @@ def step_moments(updates, moments: Sequence[Any], codecs: Codecs, step: Callable
 
         u, new = fresh(0)
         copies = itertools.count(1)
+        stats = _block_stats(cs, lambda: fresh(next(copies))[1])
         stats = [
-            None if c is None else tuple(r(fresh(next(copies))[1][k]) for r in c.reductions)
-            for k, c in enumerate(cs)
+            st if c is None or st is not None
+            else tuple(r(fresh(next(copies))[1][k]) for r in c.reductions)
+            for k, (c, st) in enumerate(zip(cs, stats, strict=True))
         ]
+        enc = _merged_encode(cs, stats, lambda: fresh(next(copies))[1])
         enc = [
-            new[k] if c is None else c.encode(fresh(next(copies))[1][k], stats[k])
-            for k, c in enumerate(cs)
+            e if c is None or e is not None else c.encode(fresh(next(copies))[1][k], stats[k])
+            for k, (c, e) in enumerate(zip(cs, enc, strict=True))
         ]
+        enc = [new[k] if c is None else e for k, (c, e) in enumerate(zip(cs, enc, strict=True))]
         return (u, *enc)
 
     out = jax.tree.map(leaf, updates, *moments)
     pick = lambda i: jax.tree.map(lambda _, t: t[i], updates, out)
     return pick(0), tuple(pick(i + 1) for i in range(n))
+
+
+def _block_stats(cs, fresh) -> list:
+    """Stats of all codecs with ``block_parts`` of one block size from one reduction each.
+
+    The moments' block reductions (max and min per block) become a single variadic
+    reduction over the blocks, so the step is recomputed once per block size instead of
+    once per moment. Max and min are exact, so the stats are those of separate reductions.
+    Codecs without ``block_parts`` get ``None``.
+    """
+    stats: list = [None] * len(cs)
+    groups: dict[int, list[int]] = {}
+    for k, c in enumerate(cs):
+        if c is not None and hasattr(c, "block_parts"):
+            groups.setdefault(c.block_size, []).append(k)
+    for block_size, ks in groups.items():
+        new = fresh()
+        parts = [cs[k].block_parts(bw.to_blocks(new[k], block_size)) for k in ks]
+        flat = [p for ps in parts for p in ps]
+        ops = tuple(x.astype(jnp.float32) for x, _ in flat)
+        kinds = tuple(kind for _, kind in flat)
+        inits = tuple(np.float32(-np.inf if kind == "max" else np.inf) for kind in kinds)
+
+        def combine(a, b, kinds=kinds):
+            return tuple(
+                jnp.maximum(x, y) if kind == "max" else jnp.minimum(x, y)
+                for x, y, kind in zip(a, b, kinds, strict=True)
+            )
+
+        out = jax.lax.reduce(ops, inits, combine, (ops[0].ndim - 1,))
+        start = 0
+        for k, ps in zip(ks, parts, strict=True):
+            stats[k] = cs[k].block_stats(out[start : start + len(ps)])
+            start += len(ps)
+    return stats
+
+
+def _merged_encode(cs, stats, fresh) -> list:
+    """Encodes all codecs with ``code_parts`` of equal code shape in one pass.
+
+    Each codec gives its code bytes as parts to OR together (one part per byte for 8-bit
+    codes, two nibbles for 4-bit); one variadic OR-reduction over the parts produces every
+    codec's bytes, so XLA computes the step once for all encoders (and never recomputes a
+    reduction inside its consumers). The bytes are exactly those of the codecs' ``encode``.
+    Codecs not merged get ``None``.
+    """
+    out: list = [None] * len(cs)
+    ks = [k for k, c in enumerate(cs) if c is not None and hasattr(c, "code_parts")]
+    if len(ks) < 2:
+        return out
+    new = fresh()
+    parts = [cs[k].code_parts(new[k], stats[k]) for k in ks]
+    if len({p.shape[:-1] for p, _ in parts}) != 1:
+        return out
+    width = max(2, *(p.shape[-1] for p, _ in parts))
+    ops = []
+    for p, shifts in parts:
+        p = p << jnp.array(shifts, jnp.uint8)
+        if p.shape[-1] < width:  # a zero part keeps the reduced axis from being folded away
+            p = jnp.pad(p, [(0, 0)] * (p.ndim - 1) + [(0, width - p.shape[-1])])
+        ops.append(p)
+    zeros = tuple(np.uint8(0) for _ in ops)
+    words = jax.lax.reduce(
+        tuple(ops),
+        zeros,
+        lambda a, b: tuple(jax.lax.bitwise_or(x, y) for x, y in zip(a, b, strict=True)),
+        (ops[0].ndim - 1,),
+    )
+    for k, codes in zip(ks, words, strict=True):
+        out[k] = cs[k].from_bytes(codes, stats[k])
+    return out
