@@ -66,7 +66,20 @@ def _remat(*args, jaxpr, prevent_cse=True, policy=None, **params):
     return fn(*args)
 
 
-def _scan(*args, jaxpr, length, reverse, unroll, num_consts, num_carry, **params):
+def _scan_counts(params: dict) -> tuple[int, int]:
+    """``(num_consts, num_carry)`` of a scan equation, from either parameter convention.
+
+    JAX up to 0.10 names the counts; later versions describe the operands as a flat tree
+    ``ft_in = (consts, carry, xs)``, whose parts list their leaves in ``.vals``.
+    """
+    if "num_consts" in params:
+        return params["num_consts"], params["num_carry"]
+    consts, carry, _ = params["ft_in"].elts
+    return len(list(consts.vals)), len(list(carry.vals))
+
+
+def _scan(*args, jaxpr, length, reverse, unroll, **params):
+    num_consts, num_carry = _scan_counts(params)
     consts = args[:num_consts]
     init = list(args[num_consts : num_consts + num_carry])
     xs = args[num_consts + num_carry :]

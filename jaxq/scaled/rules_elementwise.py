@@ -289,6 +289,7 @@ NONLINEAR = (
     "cos", "tan", "asin", "acos", "atan", "sinh", "cosh", "asinh", "acosh", "atanh",
     "atan2", "cbrt", "floor", "ceil", "round", "lgamma", "digamma", "rem", "nextafter",
     "reduce_prod", "cumprod", "cumlogsumexp", "sort",
+    "one_minus_square",  # tanh's derivative (JAX >= 0.12)
 )  # fmt: skip
 
 
@@ -309,9 +310,9 @@ def _register() -> None:
     _register_builtin(P.log_p, _log, block_scales=True)
     _register_builtin(P.is_finite_p, _is_finite, block_scales=True)
     for name in NONLINEAR:
-        _register_builtin(
-            getattr(P, f"{name}_p"), _nonlinear(getattr(P, f"{name}_p")), block_scales=True
-        )
+        prim = getattr(P, f"{name}_p", None)
+        if prim is not None:  # not every primitive exists in every supported JAX version
+            _register_builtin(prim, _nonlinear(prim), block_scales=True)
     for p in (P.max_p, P.min_p, P.clamp_p):
         _register_builtin(p, _in_common_scale(p), block_scales=True)
     _register_builtin(
