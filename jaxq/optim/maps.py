@@ -196,6 +196,31 @@ def _bucket_table(mids: np.ndarray) -> tuple[np.ndarray, int]:
     return count.astype(np.uint8), shift
 
 
+def _search_table(mids: np.ndarray, count: np.ndarray, shift: int) -> np.ndarray:
+    """The bucket table and the one comparison it leaves, merged into one uint32 table.
+
+    Within bucket ``b`` (the float32 patterns with ``bits >> shift == b``) the nearest-code
+    index is ``count[b] + (x > mids[count[b]])``, and the comparison only matters when that
+    midpoint lies in the bucket, where it is a comparison of the low ``shift`` bits:
+    ``low(x) > low(mid)`` for positive patterns, ``low(x) < low(mid)`` for negative ones.
+    With ``flip(p) = low(p) ^ (mask if p is negative else 0)`` and ``t`` the flipped low
+    bits of the in-bucket midpoint (``mask`` when there is none: never exceeded), the
+    entry is ``count[b] << shift | (mask - t)``, and the index is
+    ``(entry + flip(x)) >> shift``: the sum carries into the count exactly when
+    ``flip(x) > t``.
+    """
+    mask = np.uint32((1 << shift) - 1)
+    padded = np.append(mids, np.float32(np.inf))
+    cand = count.astype(np.int64)
+    mbits = padded[cand].view(np.uint32)
+    b = np.arange(count.size, dtype=np.uint32)
+    inside = ((mbits >> np.uint32(shift)) == b) & (cand < mids.size)
+    low = mbits & mask
+    low = np.where(b >= np.uint32(1 << (31 - shift)), low ^ mask, low)
+    t = np.where(inside, low, mask).astype(np.uint32)
+    return ((count.astype(np.uint32) << np.uint32(shift)) | (mask - t)).astype(np.uint32)
+
+
 def _even_grid(values: np.ndarray) -> tuple[float, float] | None:
     """``(2 / d, 2 * j0 + 1)`` when ``values[j] == (j + j0) * d`` exactly, ``d = 2**k``, else None.
 
@@ -224,8 +249,9 @@ class CodeBook:
 
     ``encode(x)`` returns, for each element, the index of the nearest map value (ties go to
     the lower index): ``#{j : mids[j] < x}`` with ``mids`` the float32 midpoints
-    ``(values[j] + values[j + 1]) / 2``. Maps with more than 16 values search with a
-    bucket table over the float32 bit pattern of ``x`` plus one comparison; evenly spaced
+    ``(values[j] + values[j + 1]) / 2``. Maps with more than 16 values search with one
+    lookup of a table over the high bits of ``x``'s float32 bit pattern, whose entry also
+    settles the one midpoint comparison left in the bucket (``_search_table``); evenly spaced
     maps ``values[j] = (j + j0) * d`` (``d`` a power of two, e.g. :func:`linear_map_4bit`)
     use the closed form ``clip(ceil((x * 2 / d - (2 * j0 + 1)) / 2), 0, n - 1)``, exact in
     float32 for ``|x| * 2 / d < 2**22`` (every step is exact there), which reads ``x``
@@ -247,6 +273,7 @@ class CodeBook:
     table: np.ndarray | None
     shift: int
     grid: tuple[float, float] | None = None  # (2 / d, 2 * j0 + 1) for evenly spaced maps
+    search: np.ndarray | None = None  # the bucket table merged with the comparison
 
     @classmethod
     def of(cls, name: str, values: np.ndarray) -> CodeBook:
@@ -254,9 +281,10 @@ class CodeBook:
         mids = ((values[:-1] + values[1:]) / np.float32(2)).astype(np.float32)
         if values.size > 16:
             table, shift = _bucket_table(mids)
+            search = _search_table(mids, table, shift)
         else:
-            table, shift = None, 0
-        return cls(name, values, mids, table, shift, _even_grid(values))
+            table, shift, search = None, 0, None
+        return cls(name, values, mids, table, shift, _even_grid(values), search)
 
     @property
     def zero_index(self) -> int:
@@ -275,10 +303,13 @@ class CodeBook:
             for m in self.mids:
                 idx = idx + (x > m).astype(jnp.int32)
             return idx
-        bits = jax.lax.bitcast_convert_type(x, jnp.uint32) >> self.shift
-        cand = table_lookup(self.table, bits.astype(jnp.int32)).astype(jnp.int32)
-        mids = np.append(self.mids, np.float32(np.inf))
-        return cand + (x > table_lookup(mids, cand)).astype(jnp.int32)
+        # One lookup of the merged table (see _search_table); the entry is used once, so
+        # the lookup stays fused into its consumer.
+        mask = np.uint32((1 << self.shift) - 1)
+        bits = jax.lax.bitcast_convert_type(x, jnp.uint32)
+        flip = (bits & mask) ^ ((bits >> np.uint32(31)) * mask)
+        entry = table_lookup(self.search, (bits >> np.uint32(self.shift)).astype(jnp.int32))
+        return ((entry + flip) >> np.uint32(self.shift)).astype(jnp.int32)
 
     @property
     def negatives(self) -> int:

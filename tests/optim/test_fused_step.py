@@ -80,3 +80,26 @@ def test_compiled_step_writes_no_float32_moment(factory):
     full = re.findall(r"= f32\[(?:512,512|512,2,256|262144,1)\]\{[^}]*\} (\S+)\(", entry)
     ops = [op for op in full if op != "parameter"]
     assert ops == ["fusion"], ops  # only the parameter update itself
+
+
+@pytest.mark.parametrize("book", [maps.SIGNED8, maps.UNSIGNED8], ids=lambda b: b.name)
+def test_merged_search_table_matches_bucket_then_midpoint(book):
+    """One lookup of the merged table == bucket lookup followed by the midpoint comparison."""
+    shift = book.shift
+    b = np.arange(book.table.size, dtype=np.uint64)
+    low = (b << shift).astype(np.uint32)
+    high = (low | np.uint32((1 << shift) - 1)).astype(np.uint32)
+    mids = book.mids.view(np.uint32)
+    rng = np.random.default_rng(1)
+    pats = np.concatenate([
+        low, high, low + 1, high - 1, mids, mids - 1, mids + 1,
+        np.array([0, 0x80000000, 0x7F800000, 0xFF800000, 1, 0x80000001], np.uint32),
+        rng.integers(0, 2**32, 2**20, dtype=np.uint64).astype(np.uint32),
+    ]).astype(np.uint32)
+    x = pats.view(np.float32)
+    x = x[~np.isnan(x)]
+    cand = book.table[x.view(np.uint32) >> shift].astype(np.int64)
+    want = cand + (x > np.append(book.mids, np.float32(np.inf))[cand])
+    got = np.asarray(jax.jit(book.encode)(jnp.asarray(x)))
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(got, _compare_count(book, x))
