@@ -103,3 +103,25 @@ def test_merged_search_table_matches_bucket_then_midpoint(book):
     got = np.asarray(jax.jit(book.encode)(jnp.asarray(x)))
     np.testing.assert_array_equal(got, want)
     np.testing.assert_array_equal(got, _compare_count(book, x))
+
+
+def test_e4m3_integer_rounding_matches_ml_dtypes():
+    """The integer RNE cast to E4M3 == ml_dtypes' saturating cast, ties and subnormals included."""
+    import ml_dtypes
+
+    from jaxq.optim import codecs
+
+    vals = np.arange(256, dtype=np.uint8).view(ml_dtypes.float8_e4m3fn).astype(np.float32)
+    vals = np.sort(vals[np.isfinite(vals)])
+    mids = ((vals[:-1].astype(np.float64) + vals[1:]) / 2).astype(np.float32)  # exact ties
+    pts = np.concatenate([vals, mids])
+    near = [np.nextafter(pts, np.float32(-np.inf)), pts, np.nextafter(pts, np.float32(np.inf))]
+    rng = np.random.default_rng(2)
+    rand = rng.integers(0, 2**32, 2**21, dtype=np.uint64).astype(np.uint32).view(np.float32)
+    specials = np.array([0.0, -0.0, np.inf, -np.inf, np.nan, -np.nan, 1e-45, -1e-45, 500.0],
+                        np.float32)
+    x = np.concatenate([*near, rand, specials]).astype(np.float32)
+    with np.errstate(invalid="ignore"):
+        want = np.clip(x, -448, 448).astype(ml_dtypes.float8_e4m3fn).view(np.uint8)
+    cast = jax.jit(lambda v: jax.lax.bitcast_convert_type(codecs._e4m3(v), jnp.uint8))
+    np.testing.assert_array_equal(np.asarray(cast(jnp.asarray(x))), want)
