@@ -109,7 +109,7 @@ def _codecs_4bit(block_size, scale_dtype):
     sd = scale_dtype_of(scale_dtype, jnp.float32)
     m = cd.BlockCodec(maps.SIGNED4, bs, 4, sign_fix=True, scale_dtype=sd)
     v1 = cd.BlockCodec(maps.LINEAR4, bs, 4, scale_dtype=sd)
-    v2 = cd.Rank1Codec(maps.LINEAR4)
+    v2 = cd.Rank1Codec(maps.LINEAR4, bs)
     return lambda ndim: (m, v2 if ndim >= 2 else v1)
 
 

@@ -249,6 +249,7 @@ class Rank1Codec:
     """
 
     book: CodeBook
+    block_size: int = 128  # blocks of the row-maximum reduction (any size gives the same)
 
     def init(self, shape) -> Rank1Moment:
         *lead, r, c = shape
@@ -275,6 +276,20 @@ class Rank1Codec:
     @property
     def reductions(self):
         return (self._row, self._col)
+
+    def block_parts(self, xb: jax.Array):
+        """Per-block ``(max, min)`` of the zero-padded rows (zeros leave ``max |x|`` as is)."""
+        return ((xb, "max"), (xb, "min"))
+
+    def block_stats(self, reduced) -> tuple:
+        """The row maxima from the reduced :meth:`block_parts` (the column maxima follow)."""
+        hi, lo = reduced
+        row = jnp.maximum(jnp.max(hi, axis=-1), -jnp.min(lo, axis=-1))
+        return (jnp.where(row >= bw.TINY, row, 0.0),)
+
+    @property
+    def extra_reductions(self):
+        return (self._col,)
 
     @staticmethod
     def _row(x: jax.Array) -> jax.Array:

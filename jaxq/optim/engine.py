@@ -100,6 +100,7 @@ def _block_stats(cs, fresh) -> list:
     The moments' block reductions (max and min per block) become a single variadic
     reduction over the blocks, so the step is recomputed once per block size instead of
     once per moment. Max and min are exact, so the stats are those of separate reductions.
+    A codec's ``extra_reductions`` (other axes) follow, each with its own recomputation.
     Codecs without ``block_parts`` get ``None``.
     """
     stats: list = [None] * len(cs)
@@ -124,7 +125,10 @@ def _block_stats(cs, fresh) -> list:
         out = jax.lax.reduce(ops, inits, combine, (ops[0].ndim - 1,))
         start = 0
         for k, ps in zip(ks, parts, strict=True):
-            stats[k] = cs[k].block_stats(out[start : start + len(ps)])
+            extra = getattr(cs[k], "extra_reductions", ())
+            stats[k] = cs[k].block_stats(out[start : start + len(ps)]) + tuple(
+                r(fresh()[k]) for r in extra
+            )
             start += len(ps)
     return stats
 
