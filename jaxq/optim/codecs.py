@@ -298,10 +298,10 @@ class Rank1Codec:
 
     @staticmethod
     def _col(x: jax.Array) -> jax.Array:
-        # A plain max: the partitioner splits it across a sharded row axis (partial maxima,
-        # then an all-reduce), which it does not do for the two-output reduction of
-        # bw.absmax. (On CPU this costs one float32 intermediate of x's size.)
-        col = jnp.max(x, axis=-2)
+        # Single-operand maxima: the partitioner splits them across a sharded row axis
+        # (partial maxima, then an all-reduce), which it does not do for the two-output
+        # reduction of bw.absmax.
+        col = _col_max(x)
         return jnp.where(col >= bw.TINY, col, 0.0)
 
     def _index(self, x: jax.Array, row, col) -> jax.Array:
@@ -323,6 +323,29 @@ class Rank1Codec:
     def encode(self, x: jax.Array, stats=None) -> Rank1Moment:
         row, col = (self._row(x), self._col(x)) if stats is None else stats
         return Rank1Moment(bw.pack4(self._index(x, row, col)), row, col)
+
+
+def _col_max(x: jax.Array) -> jax.Array:
+    """``max(x, axis=-2)`` for NaN-free float32 ``x``, in two stages.
+
+    Groups of ``k = 8`` rows are first reduced as order-preserving int32 keys (``bits ^
+    ((bits >> 31) & 0x7FFFFFFF)`` orders like the float values), which XLA's CPU backend
+    fuses with the computation of ``x``; a float max over the ``r / k`` partial rows
+    follows. Both stages are single-operand maxima, so the partitioner still splits them
+    across a sharded row axis. The result is the float maximum (up to the sign of zero).
+    """
+    i32 = jnp.int32
+    *lead, r, c = x.shape
+    # 8 rows per group measured fastest (4096 x 4096, CPU); only when the row count keeps
+    # whole groups on each of up to 64 shards of the row axis, else a single stage.
+    k = 8 if r % (8 * 64) == 0 else 1
+    if k == 1:
+        return jnp.max(x, axis=-2)
+    bits = jax.lax.bitcast_convert_type(x.astype(jnp.float32), i32)
+    key = bits ^ ((bits >> i32(31)) & i32(0x7FFFFFFF))
+    part = jnp.max(key.reshape(*lead, r // k, k, c), axis=-2)
+    part = jax.lax.bitcast_convert_type(part ^ ((part >> i32(31)) & i32(0x7FFFFFFF)), jnp.float32)
+    return jnp.max(part, axis=-2)
 
 
 def place_like(param, state, dims):

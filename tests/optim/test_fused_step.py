@@ -125,3 +125,17 @@ def test_e4m3_integer_rounding_matches_ml_dtypes():
         want = np.clip(x, -448, 448).astype(ml_dtypes.float8_e4m3fn).view(np.uint8)
     cast = jax.jit(lambda v: jax.lax.bitcast_convert_type(codecs._e4m3(v), jnp.uint8))
     np.testing.assert_array_equal(np.asarray(cast(jnp.asarray(x))), want)
+
+
+def test_two_stage_column_max_matches_numpy():
+    from jaxq.optim import codecs
+
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((2, 1024, 40)).astype(np.float32)
+    x[0, :, 0] = -np.abs(x[0, :, 0])  # an all-negative column
+    x[1, 7, 3] = np.float32(3.4e38)
+    x[1, :, 5] = 0.0
+    got = np.asarray(jax.jit(codecs._col_max)(jnp.asarray(x)))
+    np.testing.assert_array_equal(got, x.max(axis=-2))
+    small = x[:, :100]  # single-stage path
+    np.testing.assert_array_equal(np.asarray(codecs._col_max(jnp.asarray(small))), small.max(-2))
