@@ -9,9 +9,13 @@ parameter's ``PartitionSpec`` applies to every state array unchanged.
 
 Encoding is split so that the optimizer step compiles to few passes over memory: each
 codec lists its ``reductions`` (functions from the float32 moment to its scale statistics,
-e.g. block maxima) and ``encode(x, stats)`` takes their results. The engine gives every
-reduction and every encoder its own fused recomputation of ``x`` (see
-:func:`jaxq.optim.maps.table_lookup`), so no float32 moment is ever written to memory.
+e.g. block maxima) and ``encode(x, stats)`` takes their results. Codecs may also offer
+``block_parts`` / ``block_stats`` (per-block max/min operands, so the engine reduces
+several moments in one variadic reduction; ``extra_reductions`` then gives the rest of
+the stats) and ``code_parts`` / ``from_bytes`` (the code bytes as parts to OR together,
+so several moments are encoded by one variadic reduction). The engine gives each such
+pass its own fused recomputation of ``x`` (see :func:`jaxq.optim.maps.table_lookup`),
+so no float32 moment is ever written to memory.
 """
 
 from __future__ import annotations

@@ -51,11 +51,12 @@ def step_moments(updates, moments: Sequence[Any], codecs: Codecs, step: Callable
     """Applies ``step`` leaf by leaf; returns ``(updates, new_moments)`` (same structures).
 
     For a leaf with quantized state the float32 moments are never stored: the step is
-    traced once per consumer -- each scale reduction of each codec, each encoder and the
-    update -- with its own private copy of the decoding tables
-    (:func:`jaxq.optim.maps.table_lookup`), so XLA fuses decode, step and consumer into
-    one loop each. Every copy computes the same float32 values, so the numerics are those
-    of a single decode -> step -> encode.
+    traced once per consumer -- the update, one variadic block reduction for all codecs
+    with ``block_parts`` of one block size, each other reduction, and one variadic
+    OR-reduction encoding all codecs with ``code_parts`` -- with its own private copy of
+    the decoding tables (:func:`jaxq.optim.maps.table_lookup`), so XLA fuses decode, step
+    and consumer into one loop each. Every copy computes the same float32 values, so the
+    numerics are those of a single decode -> step -> encode.
     """
     n = len(moments)
 
