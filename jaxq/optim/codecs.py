@@ -30,6 +30,7 @@ import numpy as np
 from jaxq import formats
 from jaxq.optim import blockwise as bw
 from jaxq.optim.maps import CodeBook, table_lookup
+from jaxq.quantization.cast import e4m3_bits
 
 __all__ = ["QuantizedMoment", "Rank1Moment", "BlockCodec", "FP8Codec", "Rank1Codec"]
 
@@ -68,30 +69,7 @@ def _e4m3(x: jax.Array) -> jax.Array:
     """Round-to-nearest-even, saturating cast to E4M3 (stored as float8_e4m3fn)."""
     fmt = formats.E4M3
     x = jnp.clip(x.astype(jnp.float32), -fmt.max, fmt.max)
-    return jax.lax.bitcast_convert_type(_e4m3_bits(x), fmt.dtype)
-
-
-def _e4m3_bits(x: jax.Array) -> jax.Array:
-    """E4M3 bit patterns (uint8) of float32 ``|x| <= 448``, round to nearest even.
-
-    Integer arithmetic on the float32 pattern, bit-identical to the ml_dtypes cast on that
-    range (checked on every float32 pattern) but cheaper than XLA's generic conversion:
-    normal results round the 23-bit mantissa to 3 bits (adding ``0x7FFFF`` plus the lowest
-    kept bit) and re-bias the exponent (127 -> 7); results below ``2**-6`` are
-    ``RNE(|x| * 2**9)``, computed by adding and removing ``2**23`` in float32 (the product
-    is exact). NaN gives the NaN pattern ``0x7F`` (with its sign).
-    """
-    u32 = jnp.uint32
-    bits = jax.lax.bitcast_convert_type(x, u32)
-    sign = (bits >> u32(24)) & u32(0x80)
-    mag = bits & u32(0x7FFFFFFF)
-    rounded = mag + u32(0x7FFFF) + ((mag >> u32(20)) & u32(1))
-    normal = (rounded >> u32(20)) - u32(120 << 3)
-    scaled = jax.lax.bitcast_convert_type(mag, jnp.float32) * np.float32(512.0)
-    sub = jax.lax.bitcast_convert_type(scaled + np.float32(2.0**23), u32) - u32(0x4B000000)
-    code = jnp.where(mag < u32(0x3C800000), sub, normal)
-    code = jnp.where(mag > u32(0x7F800000), u32(0x7F), code)
-    return (code | sign).astype(jnp.uint8)
+    return jax.lax.bitcast_convert_type(e4m3_bits(x), fmt.dtype)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -228,7 +206,7 @@ class FP8Codec:
         xb = bw.to_blocks(x, self.block_size)
         fmt = formats.E4M3
         y = jnp.clip(bw.normalize(xb, stats[0].astype(jnp.float32)), -fmt.max, fmt.max)
-        codes = _e4m3_bits(y)
+        codes = e4m3_bits(y)
         return codes.reshape(*codes.shape[:-2], -1)[..., None], (0,)
 
     def from_bytes(self, codes: jax.Array, stats) -> QuantizedMoment:

@@ -32,7 +32,7 @@ from jaxq.unit_scaling.dense import (
     residual_split,
     residual_taus,
 )
-from jaxq.unit_scaling.fp8 import Fp8DotGeneral, cast_to_format, fp8_dot_general
+from jaxq.unit_scaling.fp8 import Fp8DotGeneral, fp8_dot_general
 from jaxq.unit_scaling.losses import cross_entropy, mse_loss
 from jaxq.unit_scaling.modules import (
     MHSA,
@@ -77,7 +77,6 @@ __all__ = [
     # FP8
     "Fp8DotGeneral",
     "fp8_dot_general",
-    "cast_to_format",
     # modules and tags
     "Linear",
     "LinearReadout",

@@ -26,25 +26,13 @@ from jaxq import formats
 from jaxq.formats import FloatFormat
 from jaxq.quantization import cast as _cast
 
-__all__ = ["cast_to_format", "Fp8DotGeneral", "fp8_dot_general"]
-
-
-def cast_to_format(x: jax.Array, fmt: FloatFormat) -> jax.Array:
-    """``jaxq.cast(x, fmt)``: round-to-nearest-even into ``fmt``, saturating finite values.
-
-    Example:
-        >>> import jax.numpy as jnp
-        >>> from jaxq.formats import E4M3
-        >>> cast_to_format(jnp.array([1.06, 1000.0]), E4M3).tolist()
-        [1.0, 448.0]
-    """
-    return _cast(x, fmt)
+__all__ = ["Fp8DotGeneral", "fp8_dot_general"]
 
 
 def _scaled_cast(x, fmt, scale):
     if scale == 1.0:
-        return cast_to_format(x, fmt)
-    return cast_to_format(x / scale, fmt) * jnp.asarray(scale, x.dtype)
+        return _cast(x, fmt)
+    return _cast(x / scale, fmt) * jnp.asarray(scale, x.dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))

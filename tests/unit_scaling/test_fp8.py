@@ -9,11 +9,11 @@ import pytest
 from conftest import normals
 from flax import nnx
 
+import jaxq
 from jaxq import data, formats
 from jaxq.unit_scaling import (
     Fp8DotGeneral,
     TransformerDecoder,
-    cast_to_format,
     fp8_dot_general,
     optim,
     training,
@@ -32,12 +32,12 @@ def test_cast_matches_ml_dtypes():
         np.float32([0.0, -0.0, 1e-9, 2.0**-9, 2.0**-10, 448.0, 449.0, 1e6, -1e6]),
     ])  # fmt: skip
     for fmt, dt in [(formats.E4M3, ml_dtypes.float8_e4m3fn), (formats.E5M2, ml_dtypes.float8_e5m2)]:
-        got = np.asarray(cast_to_format(jnp.asarray(x), fmt), np.float64)
+        got = np.asarray(jaxq.cast(jnp.asarray(x), fmt), np.float64)
         np.testing.assert_array_equal(got, _np_cast(x, dt, fmt.max))
     # non-finite values are never hidden: NaN stays NaN; inf -> NaN (E4M3), inf (E5M2)
     nf = jnp.array([np.nan, np.inf, -np.inf])
-    assert np.isnan(np.asarray(cast_to_format(nf, formats.E4M3))).all()
-    got = np.asarray(cast_to_format(nf, formats.E5M2))
+    assert np.isnan(np.asarray(jaxq.cast(nf, formats.E4M3))).all()
+    got = np.asarray(jaxq.cast(nf, formats.E5M2))
     assert np.isnan(got[0]) and got[1] == np.inf and got[2] == -np.inf
     # ... and they propagate through the FP8 matmul and its gradient
     x = jnp.ones((2, 4)).at[0, 0].set(np.inf)
