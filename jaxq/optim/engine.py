@@ -47,52 +47,85 @@ def _is_quantized(s) -> bool:
     return isinstance(s, (cd.QuantizedMoment, cd.Rank1Moment))
 
 
-def step_moments(updates, moments: Sequence[Any], codecs: Codecs, step: Callable):
+def step_moments(updates, moments: Sequence[Any], codecs: Codecs, step: Callable, *,
+                 strategy: str = "auto"):
     """Applies ``step`` leaf by leaf; returns ``(updates, new_moments)`` (same structures).
 
-    For a leaf with quantized state the float32 moments are never stored: the step is
-    traced once per consumer -- the update, one variadic block reduction for all codecs
-    with ``block_parts`` of one block size, each other reduction, and one variadic
-    OR-reduction encoding all codecs with ``code_parts`` -- with its own private copy of
-    the decoding tables (:func:`jaxq.optim.maps.table_lookup`), so XLA fuses decode, step
-    and consumer into one loop each. Every copy computes the same float32 values, so the
-    numerics are those of a single decode -> step -> encode.
+    Two compilation strategies compute the same function:
+
+    * ``"recompute"`` (chosen on CPU): the float32 moments are never stored. The step is
+      traced once per consumer -- the update, one variadic block reduction for all codecs
+      with ``block_parts`` of one block size, each other reduction, and one variadic
+      OR-reduction encoding all codecs with ``code_parts`` -- with its own private copy
+      of the decoding tables (:func:`jaxq.optim.maps.table_lookup`), so XLA's CPU backend
+      fuses decode, step and consumer into one loop each instead of writing float32
+      moments to memory.
+    * ``"plain"`` (chosen elsewhere, e.g. on GPU): decode -> step -> block statistics ->
+      encode, traced once; XLA's GPU backend fuses this into one reduction kernel and two
+      elementwise kernels, whereas the OR-reduction of the CPU strategy is slow there.
+
+    ``"auto"`` picks per platform at lowering (:func:`jax.lax.platform_dependent`).
+    The numerics are those of a single decode -> step -> encode either way; XLA may
+    contract multiply-adds differently in the two programs, so results can differ in the
+    last bit of float32 (and a code where that bit moves a value across a midpoint).
     """
+    if strategy not in ("auto", "recompute", "plain"):
+        raise ValueError(
+            f"strategy: expected 'auto', 'recompute' or 'plain', got {strategy!r}"
+        )
     n = len(moments)
 
     def leaf(g, *states):
-        shape = g.shape
         cs = [codecs(g.ndim)[k] if _is_quantized(s) else None for k, s in enumerate(states)]
-
-        def fresh(copy: int):
-            g32, finite = sanitize(g)
-            old = [
-                s if c is None else c.decode(s, shape, copy=copy)
-                for s, c in zip(states, cs, strict=True)
-            ]
-            u, new = step(g32, old)
-            new = [jnp.where(finite, m, o) for m, o in zip(new, old, strict=True)]
-            return jnp.where(finite, u, 0.0).astype(g.dtype), new
-
-        u, new = fresh(0)
-        copies = itertools.count(1)
-        stats = _block_stats(cs, lambda: fresh(next(copies))[1])
-        stats = [
-            st if c is None or st is not None
-            else tuple(r(fresh(next(copies))[1][k]) for r in c.reductions)
-            for k, (c, st) in enumerate(zip(cs, stats, strict=True))
-        ]
-        enc = _merged_encode(cs, stats, lambda: fresh(next(copies))[1])
-        enc = [
-            e if c is None or e is not None else c.encode(fresh(next(copies))[1][k], stats[k])
-            for k, (c, e) in enumerate(zip(cs, enc, strict=True))
-        ]
-        enc = [new[k] if c is None else e for k, (c, e) in enumerate(zip(cs, enc, strict=True))]
-        return (u, *enc)
+        if all(c is None for c in cs) or strategy == "plain":
+            return _plain_leaf(g, states, cs, step)
+        if strategy == "recompute":
+            return _recompute_leaf(g, states, cs, step)
+        return jax.lax.platform_dependent(
+            g, states,
+            cpu=lambda g, states: _recompute_leaf(g, states, cs, step),
+            default=lambda g, states: _plain_leaf(g, states, cs, step),
+        )
 
     out = jax.tree.map(leaf, updates, *moments)
     pick = lambda i: jax.tree.map(lambda _, t: t[i], updates, out)
     return pick(0), tuple(pick(i + 1) for i in range(n))
+
+
+def _fresh(g, states, cs, step, copy: int):
+    """Decode (table copy ``copy``), guard, step: ``(update, new float32 moments)``."""
+    g32, finite = sanitize(g)
+    old = [s if c is None else c.decode(s, g.shape, copy=copy)
+           for s, c in zip(states, cs, strict=True)]
+    u, new = step(g32, old)
+    new = [jnp.where(finite, m, o) for m, o in zip(new, old, strict=True)]
+    return jnp.where(finite, u, 0.0).astype(g.dtype), new
+
+
+def _plain_leaf(g, states, cs, step):
+    """One decode -> step; each codec encodes its new moment with fresh statistics."""
+    u, new = _fresh(g, states, cs, step, 0)
+    enc = [m if c is None else c.encode(m) for m, c in zip(new, cs, strict=True)]
+    return (u, *enc)
+
+
+def _recompute_leaf(g, states, cs, step):
+    """The CPU strategy of :func:`step_moments`: one fused recomputation per consumer."""
+    copies = itertools.count(1)
+    fresh = lambda: _fresh(g, states, cs, step, next(copies))[1]
+    u, new = _fresh(g, states, cs, step, 0)
+    stats = _block_stats(cs, fresh)
+    stats = [
+        st if c is None or st is not None else tuple(r(fresh()[k]) for r in c.reductions)
+        for k, (c, st) in enumerate(zip(cs, stats, strict=True))
+    ]
+    enc = _merged_encode(cs, stats, fresh)
+    enc = [
+        e if c is None or e is not None else c.encode(fresh()[k], stats[k])
+        for k, (c, e) in enumerate(zip(cs, enc, strict=True))
+    ]
+    enc = [new[k] if c is None else e for k, (c, e) in enumerate(zip(cs, enc, strict=True))]
+    return (u, *enc)
 
 
 def _block_stats(cs, fresh) -> list:
