@@ -49,7 +49,8 @@ from jaxq.models import GPT, GPTConfig, num_params, split_model
 CONFIGS = {
     "16M": GPTConfig(d_model=512, n_heads=8, n_layers=5, seq_len=1024),
     "64M": GPTConfig(d_model=1024, n_heads=16, n_layers=5, seq_len=1024),
-    "256M": GPTConfig(d_model=2048, n_heads=16, n_layers=5, seq_len=1024),  # --sizes 256M
+    "256M": GPTConfig(d_model=2048, n_heads=16, n_layers=5, seq_len=1024),
+    "1B": GPTConfig(d_model=4096, n_heads=32, n_layers=5, seq_len=1024),
 }
 LR, B1, B2, EPS, WD = 1e-3, 0.9, 0.999, 1e-8, 1e-2
 GOALS = {"adamw_8bit": 2.02, "adamw_4bit": 1.07}
@@ -77,6 +78,24 @@ def make_params(config: GPTConfig, seed: int) -> tuple[dict, dict]:
     params = [0.02 * jax.random.normal(k, s.shape) for k, s in zip(pkeys, leaves, strict=True)]
     grads = [1e-3 * jax.random.normal(k, s.shape) for k, s in zip(gkeys, leaves, strict=True)]
     return jax.tree.unflatten(treedef, params), jax.tree.unflatten(treedef, grads)
+
+
+def shape_nbytes(config: GPTConfig) -> tuple[int, int, dict[str, int]]:
+    """``(parameters, of which in < 4096-element tensors, {optimizer: state bytes})``.
+
+    From ``jax.eval_shape(opt.init, params)``: the shapes and dtypes ``init`` would
+    allocate, so large models cost no memory (the timed sizes check that the real
+    ``nbytes`` agree).
+    """
+    _, shapes = split_model(nnx.eval_shape(lambda: GPT(config, rngs=nnx.Rngs(0))))
+    leaves = jax.tree.leaves(shapes)
+    n = sum(x.size for x in leaves)
+    n_small = sum(x.size for x in leaves if x.size < MIN_QUANTIZED_SIZE)
+    out = {}
+    for name, opt in jax_optimizers().items():
+        state = jax.eval_shape(opt.init, shapes)
+        out[name] = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state))
+    return n, n_small, out
 
 
 def leaf_nbytes(tree) -> int:
@@ -222,6 +241,8 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--sizes", default="16M,64M", help="comma-separated keys of CONFIGS")
     ap.add_argument("--repeats", type=int, default=None, help="timed rounds (default 10/5)")
+    ap.add_argument("--bytes-sizes", default="256M,1B",
+                    help="further sizes for (a) only, from shapes (no memory, no timing)")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--no-torch", action="store_true", help="skip (c)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "optim.md"))
@@ -267,6 +288,19 @@ def main(argv=None) -> None:
                   f"cpu {cmed[name] * 1e3:8.1f} ms (x{cmed[name] / cmed[ref]:5.2f})", flush=True)
         del runners
 
+    for size in [s.strip() for s in args.bytes_sizes.split(",") if s.strip()]:
+        if size in sizes:
+            continue
+        if size not in CONFIGS:
+            raise ValueError(
+                f"--bytes-sizes: unknown size {size!r}; expected some of {list(CONFIGS)}"
+            )
+        n, n_small, nbytes = shape_nbytes(CONFIGS[size])
+        assert n == num_params(CONFIGS[size])
+        for name, nb in nbytes.items():
+            bytes_rows.append((size, n, n_small, name, nb))
+        print(f"[{size}] {n:,} parameters: state bytes from shapes", flush=True)
+
     write_report(args, bytes_rows, time_rows, factories is not None)
 
 
@@ -285,7 +319,7 @@ def write_report(args, bytes_rows, time_rows, with_torch: bool) -> None:
         "- Parameters: the shapes of `jaxq.models.GPT` (vocab 256, tied embeddings, biases) "
         + "; ".join(
             f"{k}: d_model={c.d_model}, n_layers={c.n_layers}, seq_len={c.seq_len}"
-            for k, c in CONFIGS.items() if k in args.sizes
+            for k, c in CONFIGS.items() if k in args.sizes or k in args.bytes_sizes
         )
         + ". Values N(0, 0.02), gradients N(0, 1e-3), fixed across steps.",
         ("- The machine is shared with other jobs: wall times are inflated by their load "
@@ -298,7 +332,9 @@ def write_report(args, bytes_rows, time_rows, with_torch: bool) -> None:
         "## (a) Optimizer state bytes per parameter",
         "",
         "Real `nbytes` of every leaf of the state (jaxq: `opt.init(params)`, equal to "
-        "`jaxq.optim.state_nbytes`; bitsandbytes: every tensor in `opt.state` after one step).",
+        "`jaxq.optim.state_nbytes`; bitsandbytes: every tensor in `opt.state` after one step). "
+        "Sizes that are not timed (below, without bitsandbytes rows) take the bytes from "
+        "`jax.eval_shape(opt.init, params)`, the shapes and dtypes `init` allocates.",
         "",
         "Parameters with fewer than 4096 elements (biases, LayerNorm scales and offsets) keep "
         "float32 moments (8 B each) in every 8/4-bit optimizer, jaxq's and bitsandbytes' "
