@@ -29,8 +29,8 @@ import numpy as np
 
 from jaxq import formats
 from jaxq.optim import blockwise as bw
-from jaxq.optim.maps import CodeBook, table_lookup
-from jaxq.quantization.cast import e4m3_bits
+from jaxq.optim.maps import CodeBook
+from jaxq.quantization.cast import e4m3_bits, e4m3_values
 
 __all__ = ["QuantizedMoment", "Rank1Moment", "BlockCodec", "FP8Codec", "Rank1Codec"]
 
@@ -61,8 +61,6 @@ class Rank1Moment(NamedTuple):
     row_max: jax.Array
     col_max: jax.Array
 
-
-_E4M3_VALUES = np.arange(256, dtype=np.uint8).view(formats.E4M3.dtype).astype(np.float32)
 
 
 def _e4m3(x: jax.Array) -> jax.Array:
@@ -174,10 +172,10 @@ class FP8Codec:
         return QuantizedMoment(same, same)
 
     def decode(self, q: QuantizedMoment, shape, *, copy: int = 0) -> jax.Array:
-        # E4M3 -> float32 through a 256-entry table on the bit pattern: exact, and like the
-        # map codecs it gives each consumer its own fused lookup (see maps.table_lookup).
-        bits = jax.lax.bitcast_convert_type(q.codes, jnp.uint8)
-        vals = table_lookup(_E4M3_VALUES, bits.astype(jnp.int32), copy=copy)
+        # E4M3 -> float32 by integer arithmetic (exact, no lookup, so each consumer
+        # recomputes it inside its own vectorized loop; ``copy`` has nothing to select).
+        del copy
+        vals = e4m3_values(jax.lax.bitcast_convert_type(q.codes, jnp.uint8))
         vals = vals.reshape(*q.codes.shape[:-1], -1, self.block_size)
         return bw.from_blocks(vals * q.absmax.astype(jnp.float32)[..., None], shape[-1])
 
@@ -200,18 +198,6 @@ class FP8Codec:
         a = jnp.maximum(hi, -lo)
         scale = jnp.where(a >= bw.TINY, a, 0.0) / np.float32(formats.E4M3.max)
         return (bw.round_up_scale(jnp.where(scale >= bw.TINY, scale, 0.0), self.scale_dtype),)
-
-    def code_parts(self, x: jax.Array, stats):
-        """uint8 ``(..., bytes, 1)`` (the E4M3 bit patterns) and shifts ``(0,)``."""
-        xb = bw.to_blocks(x, self.block_size)
-        fmt = formats.E4M3
-        y = jnp.clip(bw.normalize(xb, stats[0].astype(jnp.float32)), -fmt.max, fmt.max)
-        codes = e4m3_bits(y)
-        return codes.reshape(*codes.shape[:-2], -1)[..., None], (0,)
-
-    def from_bytes(self, codes: jax.Array, stats) -> QuantizedMoment:
-        """The state from the code bytes assembled from :meth:`code_parts`."""
-        return QuantizedMoment(jax.lax.bitcast_convert_type(codes, formats.E4M3.dtype), stats[0])
 
     def encode(self, x: jax.Array, stats=None) -> QuantizedMoment:
         (scale,) = (self._scale(x),) if stats is None else stats

@@ -127,6 +127,21 @@ def test_e4m3_integer_rounding_matches_ml_dtypes():
     np.testing.assert_array_equal(np.asarray(cast(jnp.asarray(x))), want)
 
 
+def test_e4m3_values_match_ml_dtypes_on_every_pattern():
+    """The arithmetic E4M3 decode == ml_dtypes, bit for bit (signed zero, subnormals, NaN)."""
+    import ml_dtypes
+
+    from jaxq.quantization.cast import e4m3_bits, e4m3_values
+
+    pats = np.arange(256, dtype=np.uint8)
+    want = pats.view(ml_dtypes.float8_e4m3fn).astype(np.float32)
+    got = np.asarray(jax.jit(e4m3_values)(jnp.asarray(pats)))
+    np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32))
+    finite = pats[np.isfinite(want)]
+    back = np.asarray(e4m3_bits(jnp.asarray(want[finite])))
+    np.testing.assert_array_equal(back, finite)  # e4m3_bits inverts it
+
+
 def test_two_stage_column_max_matches_numpy():
     from jaxq.optim import codecs
 
