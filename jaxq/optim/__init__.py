@@ -20,7 +20,7 @@ Decisions, in one place:
   block maxima below the smallest normal float32 are stored as 0. No NaN or inf ever
   reaches a stored moment or scale. ``optax.apply_if_finite`` composes for skip-the-step.
 * **32-bit state**: parameters with fewer than ``min_quantized_size`` (4096) elements,
-  scalars, and those chosen by ``keep_fp32`` (default: :class:`StableEmbed` tables).
+  scalars, :class:`StableEmbed` tables, and those chosen by ``keep_fp32``.
 * **inject_hyperparams**: numeric hyperparameters are injectable; pass
   ``static_args=('block_size', 'min_quantized_size')`` if you set those, and add
   ``'mask', 'keep_fp32'`` when they are callables.

@@ -129,7 +129,7 @@ _COMMON_ARGS = """
             default 4096).
         keep_fp32: predicate ``(path, param) -> bool`` on the ``"/"``-joined parameter
             path, or a pytree of bools like the parameters: True keeps float32 moments.
-            Default: :func:`~jaxq.optim.is_stable_embedding` (StableEmbed tables).
+            StableEmbed tables (:func:`~jaxq.optim.is_stable_embedding`) keep them always.
         scale_dtype: dtype of the stored block scales, ``float32`` or ``bfloat16``
             (stored rounded up; default {sd}).
 """

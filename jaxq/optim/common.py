@@ -88,12 +88,13 @@ def quantize_mask(
     """Pytree of bools over ``params``: True where the state is quantized.
 
     A leaf keeps float32 state when it is a scalar, has fewer than ``min_quantized_size``
-    elements, or ``keep_fp32`` selects it. ``keep_fp32`` is a predicate
-    ``(path: str, leaf) -> bool`` on the ``"/"``-joined key path, a pytree of bools with
-    ``params``' structure (True = keep 32-bit), or None for :func:`is_stable_embedding`.
+    elements, is a :class:`~jaxq.optim.StableEmbed` table (:func:`is_stable_embedding`),
+    or ``keep_fp32`` selects it. ``keep_fp32`` is a predicate ``(path: str, leaf) -> bool``
+    on the ``"/"``-joined key path, a pytree of bools with ``params``' structure
+    (True = keep 32-bit), or None (StableEmbed tables only).
     """
     if keep_fp32 is None:
-        keep_fp32 = is_stable_embedding
+        keep_fp32 = lambda path, x: False  # noqa: E731
     if callable(keep_fp32):
         keep = jax.tree_util.tree_map_with_path(
             lambda p, x: bool(keep_fp32(path_str(p), x)), params
@@ -106,6 +107,11 @@ def quantize_mask(
                 "keep_fp32: expected a predicate (path, leaf) -> bool or a pytree of bools "
                 f"with the structure of params; {e}"
             ) from e
+
+    stable = jax.tree_util.tree_map_with_path(
+        lambda p, x: bool(is_stable_embedding(path_str(p), x)), params
+    )
+    keep = jax.tree.map(lambda k, e: k or e, keep, stable)
 
     def decide(x, k):
         shape = np.shape(x)

@@ -109,6 +109,15 @@ def test_stable_embed_table_keeps_32bit_state_and_trains():
     assert [x.dtype for x in table_m] == [jnp.float32]  # 32768 elements, kept in 32 bits
     kernel_m = jax.tree.leaves(inner.mu["out"]["kernel"])
     assert [x.dtype for x in kernel_m] == [jnp.uint8, jnp.bfloat16]  # quantized
+    # A user's own keep_fp32 (predicate or mask) adds to the StableEmbed rule.
+    mask = jax.tree.map(lambda _: False, params)
+    for keep in (lambda path, x: "out/kernel" in path, mask):
+        inner = optim.adamw_8bit(1e-2, min_quantized_size=1024, keep_fp32=keep).init(params)[0]
+        table_m = jax.tree.leaves(inner.mu["embed"]["stable_embedding"])
+        assert [x.dtype for x in table_m] == [jnp.float32]
+        kernel_m = jax.tree.leaves(inner.mu["out"]["kernel"])
+        want = [jnp.float32] if callable(keep) else [jnp.uint8, jnp.bfloat16]
+        assert [x.dtype for x in kernel_m] == want
     ids = jnp.arange(64).reshape(4, 16) % 512
 
     @jax.jit
