@@ -124,7 +124,8 @@ _COMMON_ARGS = """
         b1: decay of the first moment (float or array; injectable).
         b2: decay of the second moment.
         eps: added to the denominator ``sqrt(v_hat)``.
-        block_size: elements per block along the last axis (static; default {bs}).
+        block_size: elements per block along the rows (static; default {bs}; rows are the
+            last axis, or the last axes merged when it is short).
         min_quantized_size: parameters with fewer elements keep float32 moments (static;
             default 4096).
         keep_fp32: predicate ``(path, param) -> bool`` on the ``"/"``-joined parameter
@@ -142,7 +143,7 @@ def scale_by_adam_8bit(
     """Adam's scaling with 8-bit blockwise moments (bitsandbytes' dynamic maps).
 
     ``m`` uses the signed dynamic map, ``v`` the unsigned one (:func:`dynamic_map`), blocks
-    of 256 along the last axis with per-block absmax. A nonzero ``m`` never flips sign on
+    of 256 along the last axis (rows) with per-block absmax. A nonzero ``m`` never flips sign on
     re-quantization. Block absmax is stored as bfloat16 rounded up by default (2 bytes
     per 256 values, 2.016 bytes/param); ``scale_dtype=jnp.float32`` stores bitsandbytes'
     exact float32 absmax (2.031 bytes/param). Drop-in for ``optax.scale_by_adam``.
@@ -171,7 +172,7 @@ def scale_by_adam_4bit(
 ) -> optax.GradientTransformation:  # fmt: skip
     """Adam's scaling with 4-bit moments (Li et al. 2023), two codes per byte.
 
-    ``m``: blocks of 128 along the last axis, 16-value signed dynamic map
+    ``m``: blocks of 128 along the last axis (rows), 16-value signed dynamic map
     (:func:`dynamic_map_4bit`), no sign flips. ``v``: the linear map without zero
     ``{{1/16, ..., 1}}`` (:func:`linear_map_4bit`), normalized per element by
     ``min(row_max, col_max)`` over the last two axes (rank-1 normalization) for
@@ -199,7 +200,7 @@ def scale_by_adam_fp8(
 ) -> optax.GradientTransformation:  # fmt: skip
     """Adam's scaling with both moments stored as blockwise E4M3.
 
-    Blocks of 256 along the last axis, ``scale = absmax / 448`` per block, values
+    Blocks of 256 along the last axis (rows), ``scale = absmax / 448`` per block, values
     ``E4M3(x / scale)`` rounded to nearest even (float8_e4m3fn storage).
     {args}
     Returns:

@@ -5,11 +5,14 @@ Two layouts exist:
 * the *flat* layout of :func:`quantize_blockwise` (bitsandbytes'): the tensor is flattened
   and cut into consecutive blocks of ``block_size`` elements, the last block possibly
   partial;
-* the *last-axis* layout used for optimizer state: a tensor of shape ``(..., n)`` is padded
-  with zeros to ``(..., n_pad)``, ``n_pad = ceil(n / block_size) * block_size``, and each
-  row is cut into ``n_pad / block_size`` blocks. Blocks never straddle rows, so a tensor
-  sharded along any axis keeps each block on one device (along the last axis: when each
-  shard holds whole blocks). When ``n`` is a multiple of ``block_size`` the two layouts
+* the *row* layout used for optimizer state: the last ``k`` axes form a row of length
+  ``n`` (``k = 1`` when the last axis is a multiple of ``block_size`` or long; more axes
+  are merged only when a short last axis would need much padding, see :func:`row_axes`),
+  so a tensor of shape ``(*lead, *row)`` is viewed as ``(*lead, n)``, padded with zeros
+  to ``(*lead, n_pad)``, ``n_pad = ceil(n / block_size) * block_size``, and each row is
+  cut into ``n_pad / block_size`` blocks. Blocks never straddle rows, so a tensor sharded
+  along a leading axis, or along the first row axis with whole blocks per shard, keeps
+  each block on one device. When ``n`` is a multiple of ``block_size`` the two layouts
   assign the same elements to the same blocks.
 """
 
@@ -188,7 +191,7 @@ def _dequantize_flat(codes, absmax, book: CodeBook, shape, block_size: int):
     return out.reshape(-1)[:n].reshape(shape)
 
 
-# ----------------------------------------------------------------- last-axis layout helpers
+# ----------------------------------------------------------------- row layout helpers
 
 
 def padded_len(n: int, block_size: int) -> int:
@@ -196,19 +199,53 @@ def padded_len(n: int, block_size: int) -> int:
     return -(-n // block_size) * block_size
 
 
+def row_axes(shape, block_size: int) -> int:
+    """How many trailing axes of ``shape`` form one row of blocks (the *row layout*).
+
+    The smallest ``k`` for which the row length ``L = prod(shape[-k:])`` needs padding of
+    at most ``L / 64`` to a multiple of ``block_size`` (every ``k`` with ``L`` a multiple of
+    ``block_size`` qualifies); ``ndim`` when none does. So a last axis that is a multiple
+    of the block size, or long, is its own row (blocks never straddle rows, and a
+    parameter sharded along any axis keeps its blocks on one device when each shard holds
+    whole blocks), while a short last axis -- ``(d, heads, 64)``, ``(n, 300)`` -- is merged
+    with the axes before it instead of being padded to a whole block per row.
+
+    Example:
+        >>> row_axes((4096, 1024), 256), row_axes((1024, 16, 64), 256), row_axes((512, 300), 256)
+        (1, 2, 2)
+    """
+    shape = tuple(int(d) for d in shape)
+    for k in range(1, len(shape) + 1):
+        n = int(np.prod(shape[len(shape) - k :], dtype=np.int64))
+        if 64 * (padded_len(n, block_size) - n) <= n:
+            return k
+    return max(len(shape), 1)
+
+
+def row_shape(shape, block_size: int) -> tuple[tuple[int, ...], int]:
+    """``(lead, L)``: the leading axes kept and the row length of the row layout."""
+    shape = tuple(int(d) for d in shape)
+    k = row_axes(shape, block_size)
+    lead = shape[: len(shape) - k]
+    return lead, int(np.prod(shape[len(shape) - k :], dtype=np.int64))
+
+
 def to_blocks(x: jax.Array, block_size: int) -> jax.Array:
-    """``(..., n)`` -> ``(..., n_pad / block_size, block_size)``, zero-padded."""
-    n = x.shape[-1]
+    """``shape -> (*lead, L_pad / block_size, block_size)`` in the row layout, zero-padded."""
+    lead, n = row_shape(x.shape, block_size)
+    x = x.reshape(*lead, n)
     pad = padded_len(n, block_size) - n
     if pad:
         x = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, pad)])
-    return x.reshape(*x.shape[:-1], -1, block_size)
+    return x.reshape(*lead, -1, block_size)
 
 
-def from_blocks(xb: jax.Array, n: int) -> jax.Array:
-    """Inverse of :func:`to_blocks`: ``(..., nb, B)`` -> ``(..., n)``."""
+def from_blocks(xb: jax.Array, shape) -> jax.Array:
+    """Inverse of :func:`to_blocks`: ``(*lead, nb, B)`` -> ``shape``."""
+    lead, n = row_shape(shape, xb.shape[-1])
     x = xb.reshape(*xb.shape[:-2], -1)
-    return x[..., :n] if x.shape[-1] != n else x
+    x = x[..., :n] if x.shape[-1] != n else x
+    return x.reshape(shape)
 
 
 def round_up_scale(a: jax.Array, dtype) -> jax.Array:

@@ -1,11 +1,12 @@
 """Storage formats ("codecs") for one optimizer moment of one parameter.
 
 A codec turns a float32 moment of the parameter's shape into a small ``NamedTuple`` of
-arrays and back. Blockwise codecs use the last-axis layout of :mod:`jaxq.optim.blockwise`:
-for a parameter of shape ``(..., n)`` the codes have shape ``(..., n_pad)`` (8 bits) or
-``(..., n_pad / 2)`` (4 bits, two codes per byte, the even element in the low nibble) and
-the block scales ``(..., n_pad / block_size)`` -- the same rank as the parameter, so the
-parameter's ``PartitionSpec`` applies to every state array unchanged.
+arrays and back. Blockwise codecs use the row layout of :mod:`jaxq.optim.blockwise`: for a
+parameter of shape ``(*lead, *row)`` with row length ``n`` (usually just the last axis) the
+codes have shape ``(*lead, n_pad)`` (8 bits) or ``(*lead, n_pad / 2)`` (4 bits, two codes
+per byte, the even element in the low nibble) and the block scales
+``(*lead, n_pad / block_size)``; each state axis follows one parameter axis (the row axis
+the first row axis), so the state takes the parameter's ``PartitionSpec`` on those axes.
 
 Encoding is split so that the optimizer step compiles to few passes over memory: each
 codec lists its ``reductions`` (functions from the float32 moment to its scale statistics,
@@ -36,7 +37,7 @@ __all__ = ["QuantizedMoment", "Rank1Moment", "BlockCodec", "FP8Codec", "Rank1Cod
 
 
 class QuantizedMoment(NamedTuple):
-    """A blockwise-quantized moment (last-axis blocks).
+    """A blockwise-quantized moment (blocks along the rows of the row layout).
 
     Attributes:
         codes: uint8 map indices ``(..., n_pad)``, packed ``(..., n_pad / 2)`` for 4-bit
@@ -88,7 +89,7 @@ class BlockCodec:
     scale_dtype: Any = jnp.float32
 
     def init(self, shape) -> QuantizedMoment:
-        *lead, n = shape
+        lead, n = bw.row_shape(shape, self.block_size)
         npad = bw.padded_len(n, self.block_size)
         z = self.book.zero_index
         fill = z | (z << 4) if self.bits == 4 else z
@@ -96,16 +97,21 @@ class BlockCodec:
         absmax = jnp.zeros((*lead, npad // self.block_size), self.scale_dtype)
         return QuantizedMoment(codes, absmax)
 
-    def dims(self, ndim: int) -> QuantizedMoment:
-        same = tuple(range(ndim))
+    def dims(self, shape) -> QuantizedMoment:
+        # The row axis follows the first parameter axis merged into it.
+        same = tuple(range(len(shape) - bw.row_axes(shape, self.block_size) + 1))
         return QuantizedMoment(same, same)
+
+    def blocks(self, x: jax.Array) -> jax.Array:
+        """``x`` cut into this codec's blocks (row layout)."""
+        return bw.to_blocks(x, self.block_size)
 
     def decode(self, q: QuantizedMoment, shape, *, copy: int = 0) -> jax.Array:
         idx = bw.unpack4(q.codes) if self.bits == 4 else q.codes
         vals = self.book.decode(idx, copy=copy)
         vals = vals.reshape(*vals.shape[:-1], -1, self.block_size)
         x = vals * q.absmax.astype(jnp.float32)[..., None]
-        return bw.from_blocks(x, shape[-1])
+        return bw.from_blocks(x, shape)
 
     @property
     def reductions(self):
@@ -160,16 +166,21 @@ class FP8Codec:
     scale_dtype: Any = jnp.float32
 
     def init(self, shape) -> QuantizedMoment:
-        *lead, n = shape
+        lead, n = bw.row_shape(shape, self.block_size)
         npad = bw.padded_len(n, self.block_size)
         return QuantizedMoment(
             jnp.zeros((*lead, npad), formats.E4M3.dtype),
             jnp.zeros((*lead, npad // self.block_size), self.scale_dtype),
         )
 
-    def dims(self, ndim: int) -> QuantizedMoment:
-        same = tuple(range(ndim))
+    def dims(self, shape) -> QuantizedMoment:
+        # The row axis follows the first parameter axis merged into it.
+        same = tuple(range(len(shape) - bw.row_axes(shape, self.block_size) + 1))
         return QuantizedMoment(same, same)
+
+    def blocks(self, x: jax.Array) -> jax.Array:
+        """``x`` cut into this codec's blocks (row layout)."""
+        return bw.to_blocks(x, self.block_size)
 
     def decode(self, q: QuantizedMoment, shape, *, copy: int = 0) -> jax.Array:
         # E4M3 -> float32 by integer arithmetic (exact, no lookup, so each consumer
@@ -177,7 +188,7 @@ class FP8Codec:
         del copy
         vals = e4m3_values(jax.lax.bitcast_convert_type(q.codes, jnp.uint8))
         vals = vals.reshape(*q.codes.shape[:-1], -1, self.block_size)
-        return bw.from_blocks(vals * q.absmax.astype(jnp.float32)[..., None], shape[-1])
+        return bw.from_blocks(vals * q.absmax.astype(jnp.float32)[..., None], shape)
 
     @property
     def reductions(self):
@@ -227,7 +238,8 @@ class Rank1Codec:
             jnp.zeros((*lead, c), jnp.float32),
         )
 
-    def dims(self, ndim: int) -> Rank1Moment:
+    def dims(self, shape) -> Rank1Moment:
+        ndim = len(shape)
         return Rank1Moment(
             tuple(range(ndim)),
             tuple(range(ndim - 1)),
@@ -244,6 +256,14 @@ class Rank1Codec:
     @property
     def reductions(self):
         return (self._row, self._col)
+
+    def blocks(self, x: jax.Array) -> jax.Array:
+        """``(..., c)`` -> ``(..., c_pad / B, B)``: blocks within each row (zero-padded)."""
+        n = x.shape[-1]
+        pad = bw.padded_len(n, self.block_size) - n
+        if pad:
+            x = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, pad)])
+        return x.reshape(*x.shape[:-1], -1, self.block_size)
 
     def block_parts(self, xb: jax.Array):
         """Per-block ``(max, min)`` of the zero-padded rows (zeros leave ``max |x|`` as is)."""

@@ -23,7 +23,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxq.optim import blockwise as bw
 from jaxq.optim import codecs as cd
 from jaxq.optim.common import quantize_mask, sanitize
 
@@ -38,7 +37,7 @@ def init_moments(params, codecs: Codecs, n: int, *, keep_fp32, min_quantized_siz
         if not q:
             return jnp.zeros_like(p, dtype=jnp.float32)
         codec = codecs(p.ndim)[k]
-        return cd.place_like(p, codec.init(p.shape), codec.dims(p.ndim))
+        return cd.place_like(p, codec.init(p.shape), codec.dims(p.shape))
 
     return tuple(jax.tree.map(lambda p, q, k=k: leaf(p, q, k), params, qmask) for k in range(n))
 
@@ -114,7 +113,7 @@ def _recompute_leaf(g, states, cs, step):
     copies = itertools.count(1)
     fresh = lambda: _fresh(g, states, cs, step, next(copies))[1]
     u, new = _fresh(g, states, cs, step, 0)
-    stats = _block_stats(cs, fresh)
+    stats = _block_stats(cs, fresh, g.shape)
     stats = [
         st if c is None or st is not None else tuple(r(fresh()[k]) for r in c.reductions)
         for k, (c, st) in enumerate(zip(cs, stats, strict=True))
@@ -128,23 +127,24 @@ def _recompute_leaf(g, states, cs, step):
     return (u, *enc)
 
 
-def _block_stats(cs, fresh) -> list:
-    """Stats of all codecs with ``block_parts`` of one block size from one reduction each.
+def _block_stats(cs, fresh, shape) -> list:
+    """Stats of all codecs with ``block_parts`` of one block shape from one reduction each.
 
     The moments' block reductions (max and min per block) become a single variadic
-    reduction over the blocks, so the step is recomputed once per block size instead of
+    reduction over the blocks, so the step is recomputed once per block shape instead of
     once per moment. Max and min are exact, so the stats are those of separate reductions.
     A codec's ``extra_reductions`` (other axes) follow, each with its own recomputation.
     Codecs without ``block_parts`` get ``None``.
     """
     stats: list = [None] * len(cs)
-    groups: dict[int, list[int]] = {}
+    groups: dict[tuple, list[int]] = {}
+    x = jax.ShapeDtypeStruct(shape, jnp.float32)
     for k, c in enumerate(cs):
         if c is not None and hasattr(c, "block_parts"):
-            groups.setdefault(c.block_size, []).append(k)
-    for block_size, ks in groups.items():
+            groups.setdefault(jax.eval_shape(c.blocks, x).shape, []).append(k)
+    for ks in groups.values():
         new = fresh()
-        parts = [cs[k].block_parts(bw.to_blocks(new[k], block_size)) for k in ks]
+        parts = [cs[k].block_parts(cs[k].blocks(new[k])) for k in ks]
         flat = [p for ps in parts for p in ps]
         ops = tuple(x.astype(jnp.float32) for x, _ in flat)
         kinds = tuple(kind for _, kind in flat)

@@ -1,7 +1,7 @@
 """Lion and SGD with momentum, with the momentum stored in 8 bits (signed dynamic map).
 
 Same storage as Adam's first moment in :func:`jaxq.optim.scale_by_adam_8bit` (blocks of
-256 along the last axis, block absmax, no sign flips), same non-finite-gradient guard and
+256 along the last axis (rows), block absmax, no sign flips), same non-finite-gradient guard and
 float32 fallback for small or selected parameters (see :mod:`jaxq.optim.engine`).
 """
 

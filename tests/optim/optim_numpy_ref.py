@@ -1,8 +1,10 @@
 """Independent float64 numpy implementation of the quantized optimizer states (for tests).
 
 Written from the algorithm's description, not from jaxq's code: brute-force nearest code
-(``argmin |code - r|``, first index on ties), last-axis blocks padded with zeros, block
-absmax stored rounded up to bfloat16 via ml_dtypes (``nextafter`` when rounding went down).
+(``argmin |code - r|``, first index on ties), blocks along rows of the row layout (the
+fewest trailing axes whose product needs at most 1/64 zero padding to whole blocks, else
+all axes), block absmax stored rounded up to bfloat16 via ml_dtypes (``nextafter`` when
+rounding went down).
 """
 
 from __future__ import annotations
@@ -35,11 +37,21 @@ def round_up(a: np.ndarray, scale_dtype: str) -> np.ndarray:
     return b.astype(np.float64)
 
 
+def rows(shape, bs: int) -> tuple[tuple, int]:
+    """(leading axes, row length) of the row layout, by trying k = 1, 2, ... trailing axes."""
+    for k in range(1, len(shape) + 1):
+        n = int(np.prod(shape[len(shape) - k :]))
+        if (-(-n // bs) * bs - n) * 64 <= n:
+            break
+    return tuple(shape[: len(shape) - k]), n
+
+
 def blocks(x: np.ndarray, bs: int) -> np.ndarray:
-    n = x.shape[-1]
+    lead, n = rows(x.shape, bs)
+    x = x.reshape(lead + (n,))
     npad = -(-n // bs) * bs
-    xp = np.concatenate([x, np.zeros(x.shape[:-1] + (npad - n,), x.dtype)], axis=-1)
-    return xp.reshape(x.shape[:-1] + (npad // bs, bs))
+    xp = np.concatenate([x, np.zeros(lead + (npad - n,), x.dtype)], axis=-1)
+    return xp.reshape(lead + (npad // bs, bs))
 
 
 def quantize(x, code, bs, *, scale_dtype="bfloat16", sign_fix=False):
@@ -56,9 +68,11 @@ def quantize(x, code, bs, *, scale_dtype="bfloat16", sign_fix=False):
     return idx.reshape(xb.shape[:-2] + (-1,)), amax
 
 
-def dequantize(idx, amax, code, bs, n):
+def dequantize(idx, amax, code, bs, shape):
+    """float64 values of ``shape`` from row-layout codes ``(*lead, n_pad)``."""
+    lead, n = rows(tuple(shape), bs)
     vals = code.astype(np.float64)[idx].reshape(amax.shape + (bs,)) * amax[..., None]
-    return vals.reshape(amax.shape[:-1] + (-1,))[..., :n]
+    return vals.reshape(amax.shape[:-1] + (-1,))[..., :n].reshape(shape)
 
 
 def unpack4(packed: np.ndarray) -> np.ndarray:

@@ -161,3 +161,15 @@ def test_bytes_per_parameter():
     st = optim.adamw_4bit(1e-3).init({"w": jnp.zeros((1024, 1024))})
     assert st[0].mu["w"].codes.shape == (1024, 512) and st[0].mu["w"].codes.dtype == jnp.uint8
     assert st[0].nu["w"].codes.shape == (1024, 512)
+
+
+@pytest.mark.parametrize("shape", [(1024, 16, 64), (4096, 64), (1024, 300), (1000, 300)])
+def test_short_last_axes_cost_no_padding(shape):
+    """Short last axes are merged into longer rows instead of padded to a block per row."""
+    p = jax.ShapeDtypeStruct(shape, jnp.float32)
+    per_param = {}
+    for name, f in [("8bit", optim.adamw_8bit), ("fp8", optim.adamw_fp8)]:
+        state = jax.eval_shape(f(1e-3).init, p)
+        nbytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state))
+        per_param[name] = nbytes / p.size
+    assert max(per_param.values()) <= 2.02, per_param

@@ -27,7 +27,7 @@ def _codes_agree(got, want, tol=1e-3):
     assert np.all(np.abs(got - want)[diff] <= 1)
 
 
-@pytest.mark.parametrize("shape", [(64, 1000), (8192,)])
+@pytest.mark.parametrize("shape", [(64, 1000), (8192,), (24, 16, 64), (16, 1024)])
 @pytest.mark.parametrize("scale_dtype", ["bfloat16", "float32"])
 def test_adamw_8bit_vs_float64_numpy(shape, scale_dtype):
     lr, wd = 1e-3, 0.1
@@ -36,12 +36,13 @@ def test_adamw_8bit_vs_float64_numpy(shape, scale_dtype):
     p = jax.random.normal(key, shape) * 0.1
     state = tx.init(p)
     upd = jax.jit(tx.update)
-    n, bs = shape[-1], 256
+    bs = 256
     for t in range(1, 6):
         g = _grads(jax.random.fold_in(key, t), shape)
         st = state[0]
-        m = ref.dequantize(np.asarray(st.mu.codes), np.asarray(st.mu.absmax, np.float64), S8, bs, n)
-        v = ref.dequantize(np.asarray(st.nu.codes), np.asarray(st.nu.absmax, np.float64), U8, bs, n)
+        dq = lambda q, code: ref.dequantize(np.asarray(q.codes), np.asarray(q.absmax, np.float64),
+                                            code, bs, shape)
+        m, v = dq(st.mu, S8), dq(st.nu, U8)
         u_ref, m_new, v_new = ref.adam_step(g, m, v, t, lr=lr, wd=wd, p=p)
         u, state = upd(g, state, p)
         p_new = p + u
@@ -80,7 +81,7 @@ def test_adamw_4bit_vs_float64_numpy():
         g = _grads(jax.random.fold_in(key, t), shape)
         st = state[0]
         m = ref.dequantize(ref.unpack4(st.mu.codes), np.asarray(st.mu.absmax, np.float64), M4,
-                           128, shape[-1])
+                           128, shape)
         norm = np.minimum(np.asarray(st.nu.row_max, np.float64)[:, None],
                           np.asarray(st.nu.col_max, np.float64)[None, :])
         v = L4[ref.unpack4(st.nu.codes)[:, : shape[-1]]] * norm
@@ -135,7 +136,8 @@ def test_lion_and_sgd_8bit_vs_float64_numpy():
         for t in range(1, 4):
             g = np.asarray(_grads(jax.random.fold_in(key, t), shape, 1.0), np.float64)
             q = state[0].mu
-            m = ref.dequantize(np.asarray(q.codes), np.asarray(q.absmax, np.float64), S8, 256, 1024)
+            m = ref.dequantize(np.asarray(q.codes), np.asarray(q.absmax, np.float64), S8, 256,
+                               shape)
             if kind == "lion":
                 u_ref = -1e-4 * np.sign(0.9 * m + 0.1 * g)
                 m_new = 0.99 * m + 0.01 * g

@@ -16,6 +16,7 @@ FACTORIES = {
     "adamw_4bit": lambda: optim.adamw_4bit(1e-3),
     "adamw_fp8": lambda: optim.adamw_fp8(1e-3),
     "lion_8bit": lambda: optim.lion_8bit(1e-4),
+    "sgd_8bit": lambda: optim.sgd_8bit(1e-2, momentum=0.9, nesterov=True),
 }
 
 SHAPE = (64, 2048)  # 8 devices x 256 columns: each shard along the last axis = whole blocks
@@ -73,7 +74,7 @@ def _full_moment_gathers(hlo: str, full_elems: int):
 
 
 @pytest.mark.parametrize("spec", [P("d", None), P(None, "d")], ids=["first", "last"])
-@pytest.mark.parametrize("name", ["adamw_8bit", "adamw_4bit", "adamw_fp8"])
+@pytest.mark.parametrize("name", sorted(FACTORIES))
 def test_compiled_update_does_not_gather_moments(name, spec):
     mesh = _mesh()
     tx = FACTORIES[name]()
@@ -86,3 +87,28 @@ def test_compiled_update_does_not_gather_moments(name, spec):
     # sanity: the detector finds the gather of a replicated result
     bad = jax.jit(lambda x: x * 2, out_shardings=NamedSharding(mesh, P())).lower(p).compile()
     assert _full_moment_gathers(bad.as_text(), SHAPE[0] * SHAPE[1] // 8)
+
+
+@pytest.mark.parametrize("name", ["adamw_8bit", "adamw_fp8", "sgd_8bit"])
+def test_merged_row_layout_shards_along_first_axis(name):
+    """A short last axis (d, heads, 64) is merged into rows; sharding the first axis stays local."""
+    mesh = _mesh()
+    shape = (64, 16, 64)
+    tx = FACTORIES[name]()
+    sh = NamedSharding(mesh, P("d", None, None))
+    key = jax.random.key(1)
+    p = jax.random.normal(key, shape)
+    ps = jax.device_put(p, sh)
+    s, ss = tx.init(p), tx.init(ps)
+    assert ss[0].mu.codes.shape == (64, 1024)  # rows of 16 x 64, no padding
+    step = jax.jit(tx.update)
+    for i in range(2):
+        g = jax.random.normal(jax.random.fold_in(key, i), shape) * 0.01
+        u, s = step(g, s, p)
+        us, ss = step(jax.device_put(g, sh), ss, ps)
+        np.testing.assert_allclose(np.asarray(us), np.asarray(u), atol=1e-6, rtol=0)
+        p, ps = p + u, ps + us
+    for arr in ss[0].mu:
+        assert arr.sharding.is_equivalent_to(NamedSharding(mesh, P("d", None)), arr.ndim)
+    hlo = step.lower(ps, ss, ps).compile().as_text()
+    assert _full_moment_gathers(hlo, 64 * 16 * 64 // 8) == []
