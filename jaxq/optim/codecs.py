@@ -106,6 +106,10 @@ class BlockCodec:
         """``x`` cut into this codec's blocks (row layout)."""
         return bw.to_blocks(x, self.block_size)
 
+    def row_axes(self, shape) -> int:
+        """Number of trailing axes forming a row of blocks."""
+        return bw.row_axes(shape, self.block_size)
+
     def decode(self, q: QuantizedMoment, shape, *, copy: int = 0) -> jax.Array:
         idx = bw.unpack4(q.codes) if self.bits == 4 else q.codes
         vals = self.book.decode(idx, copy=copy)
@@ -182,6 +186,10 @@ class FP8Codec:
         """``x`` cut into this codec's blocks (row layout)."""
         return bw.to_blocks(x, self.block_size)
 
+    def row_axes(self, shape) -> int:
+        """Number of trailing axes forming a row of blocks."""
+        return bw.row_axes(shape, self.block_size)
+
     def decode(self, q: QuantizedMoment, shape, *, copy: int = 0) -> jax.Array:
         # E4M3 -> float32 by integer arithmetic (exact, no lookup, so each consumer
         # recomputes it inside its own vectorized loop; ``copy`` has nothing to select).
@@ -256,6 +264,10 @@ class Rank1Codec:
     @property
     def reductions(self):
         return (self._row, self._col)
+
+    def row_axes(self, shape) -> int:
+        """Rows are the last axis: the normalization needs per-row and per-column maxima."""
+        return 1
 
     def blocks(self, x: jax.Array) -> jax.Array:
         """``(..., c)`` -> ``(..., c_pad / B, B)``: blocks within each row (zero-padded)."""
@@ -339,12 +351,26 @@ def _col_max(x: jax.Array) -> jax.Array:
 def place_like(param, state, dims):
     """Puts each array of ``state`` on ``param``'s mesh with the matching partition.
 
-    ``dims`` gives, per state array, the parameter axis each of its axes follows. Works on
-    concrete arrays with a ``NamedSharding``; anything else is returned unchanged.
+    ``dims`` gives, per state array, the parameter axis each of its axes follows (an axis
+    whose length the mesh axes do not divide stays unpartitioned). Works on concrete
+    arrays with a ``NamedSharding`` (``jax.device_put``) and, under ``jit``, on tracers
+    whose type carries an explicit sharding (``jax.sharding.reshard``); anything else --
+    e.g. ``jit`` over automatic sharding, where the partitioner decides -- is returned
+    unchanged.
     """
-    sharding = getattr(param, "sharding", None)
-    if isinstance(param, jax.core.Tracer) or not isinstance(sharding, jax.sharding.NamedSharding):
-        return state
+    if isinstance(param, jax.core.Tracer):
+        sharding = jax.typeof(param).sharding
+        explicit = jax.sharding.AxisType.Explicit
+        if not isinstance(sharding, jax.sharding.NamedSharding) or not any(
+            t == explicit for t in getattr(sharding.mesh, "axis_types", ())
+        ):
+            return state
+        move = jax.sharding.reshard
+    else:
+        sharding = getattr(param, "sharding", None)
+        if not isinstance(sharding, jax.sharding.NamedSharding):
+            return state
+        move = jax.device_put
     spec = tuple(sharding.spec) + (None,) * (param.ndim - len(sharding.spec))
     mesh = sharding.mesh
 
@@ -360,6 +386,6 @@ def place_like(param, state, dims):
             axes = spec[pd]
             parts.append(axes if arr.shape[d] % size(axes) == 0 else None)
         spec_ = jax.sharding.PartitionSpec(*parts)
-        return jax.device_put(arr, jax.sharding.NamedSharding(mesh, spec_))
+        return move(arr, jax.sharding.NamedSharding(mesh, spec_))
 
     return type(state)(*(put(a, d) for a, d in zip(state, dims, strict=True)))

@@ -76,6 +76,9 @@ def step_moments(updates, moments: Sequence[Any], codecs: Codecs, step: Callable
 
     def leaf(g, *states):
         cs = [codecs(g.ndim)[k] if _is_quantized(s) else None for k, s in enumerate(states)]
+        for c in cs:
+            if c is not None:
+                _check_row_sharding(g, c)
         if all(c is None for c in cs) or strategy == "plain":
             return _plain_leaf(g, states, cs, step)
         if strategy == "recompute":
@@ -89,6 +92,35 @@ def step_moments(updates, moments: Sequence[Any], codecs: Codecs, step: Callable
     out = jax.tree.map(leaf, updates, *moments)
     pick = lambda i: jax.tree.map(lambda _, t: t[i], updates, out)
     return pick(0), tuple(pick(i + 1) for i in range(n))
+
+
+def _check_row_sharding(g, codec) -> None:
+    """ValueError when an explicit sharding would cut the codec's blocks across devices.
+
+    Under automatic sharding the partitioner moves data instead (correct, but not local);
+    under explicit sharding (``jax.sharding.AxisType.Explicit``) the block reshape would
+    fail with a less helpful error.
+    """
+    sharding = jax.typeof(g).sharding if isinstance(g, jax.core.Tracer) else None
+    explicit = jax.sharding.AxisType.Explicit
+    if not isinstance(sharding, jax.sharding.NamedSharding) or not any(
+        t == explicit for t in getattr(sharding.mesh, "axis_types", ())
+    ):
+        return
+    axis = g.ndim - codec.row_axes(g.shape)
+    spec = tuple(sharding.spec) + (None,) * g.ndim
+    axes = spec[axis]
+    if axes is None:
+        return
+    axes = axes if isinstance(axes, tuple) else (axes,)
+    shards = int(np.prod([sharding.mesh.shape[a] for a in axes]))
+    row = int(np.prod(g.shape[axis:]))
+    if row % shards or (row // shards) % codec.block_size:
+        raise ValueError(
+            f"parameter of shape {g.shape} sharded along axis {axis} into {shards} shards: "
+            f"each shard holds {row / shards:g} elements of a row, not whole blocks of "
+            f"{codec.block_size}; choose a block_size that divides it, or shard another axis"
+        )
 
 
 def _fresh(g, states, cs, step, copy: int):

@@ -112,3 +112,35 @@ def test_merged_row_layout_shards_along_first_axis(name):
         assert arr.sharding.is_equivalent_to(NamedSharding(mesh, P("d", None)), arr.ndim)
     hlo = step.lower(ps, ss, ps).compile().as_text()
     assert _full_moment_gathers(hlo, 64 * 16 * 64 // 8) == []
+
+
+@pytest.mark.parametrize("spec", [P("d", None), P(None, "d")], ids=["first", "last"])
+@pytest.mark.parametrize("name", sorted(FACTORIES))
+def test_jitted_init_and_update_keep_explicit_sharding(name, spec):
+    """Under explicit sharding, jit(init) places the state like eager init does."""
+    mesh = _mesh()
+    tx = FACTORIES[name]()
+    p = jax.device_put(jax.random.normal(jax.random.key(0), SHAPE), NamedSharding(mesh, spec))
+    eager = tx.init(p)
+    with jax.set_mesh(mesh):
+        jitted = jax.jit(tx.init)(p)
+        _, after = jax.jit(tx.update)(p * 0.01, jitted, p)
+    for a, b, c in zip(jax.tree.leaves(eager), jax.tree.leaves(jitted), jax.tree.leaves(after),
+                       strict=True):
+        assert b.dtype == a.dtype and b.shape == a.shape
+        if a.ndim:
+            assert b.sharding.is_equivalent_to(a.sharding, a.ndim), (a.shape, b.sharding)
+            assert c.sharding.is_equivalent_to(a.sharding, a.ndim), (a.shape, c.sharding)
+
+
+def test_explicit_sharding_that_splits_blocks_is_a_clear_error():
+    mesh = _mesh()
+    p = jax.device_put(jnp.ones((64, 1024)), NamedSharding(mesh, P(None, "d")))
+    tx = optim.adamw_8bit(1e-3)  # 1024 / 8 = 128 columns per shard < 256
+    with jax.set_mesh(mesh):
+        s = jax.jit(tx.init)(p)
+        with pytest.raises(ValueError, match=r"\(64, 1024\) sharded along axis 1 into 8 shards"):
+            jax.jit(tx.update)(p, s, p)
+        u, _ = jax.jit(optim.adamw_8bit(1e-3, block_size=128).update)(
+            p, optim.adamw_8bit(1e-3, block_size=128).init(p), p)
+    assert u.shape == (64, 1024)
