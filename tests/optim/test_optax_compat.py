@@ -173,3 +173,48 @@ def test_short_last_axes_cost_no_padding(shape):
         nbytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state))
         per_param[name] = nbytes / p.size
     assert max(per_param.values()) <= 2.02, per_param
+
+
+INJECTABLE = {
+    "adamw_8bit": (optim.adamw_8bit, dict(learning_rate=1e-3, b1=0.9)),
+    "adamw_4bit": (optim.adamw_4bit, dict(learning_rate=1e-3, b1=0.9)),
+    "adamw_fp8": (optim.adamw_fp8, dict(learning_rate=1e-3, b1=0.9)),
+    "adam_8bit": (optim.adam_8bit, dict(learning_rate=1e-3, b1=0.9)),
+    "lion_8bit": (optim.lion_8bit, dict(learning_rate=1e-4, b1=0.9)),
+    "sgd_8bit": (optim.sgd_8bit, dict(learning_rate=1e-2, momentum=0.9)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(INJECTABLE))
+def test_every_optimizer_composes_without_recompiling(name):
+    """inject_hyperparams, MultiSteps, apply_if_finite and masked, jitted, for each one."""
+    factory, hyper = INJECTABLE[name]
+    params = _params()
+    mask = {"dense": {"kernel": True, "bias": False}, "proj": True, "scale": False}
+    wrapped = {
+        "inject": optax.inject_hyperparams(factory, static_args=("min_quantized_size",))(
+            **hyper, min_quantized_size=1),
+        "multi": optax.MultiSteps(factory(**hyper, min_quantized_size=1), every_k_schedule=2),
+        "finite": optax.apply_if_finite(factory(**hyper, min_quantized_size=1), 2),
+        "masked": optax.masked(factory(**hyper, min_quantized_size=1), mask),
+    }
+    for kind, tx in wrapped.items():
+        traces = []
+
+        def update(g, s, p, tx=tx, traces=traces):
+            traces.append(1)
+            return tx.update(g, s, p)
+
+        step = jax.jit(update)
+        s, p = tx.init(params), params
+        for i in range(3):
+            if kind == "inject":  # a new hyperparameter value is an array: no retrace
+                first = next(iter(hyper))
+                s.hyperparams[first] = jnp.asarray(hyper[first] * (1 + i), jnp.float32)
+            u, s = step(_grads(params, i), s, p)
+            p = optax.apply_updates(p, u)
+        assert len(traces) == 1, (name, kind)
+        assert all(bool(jnp.all(jnp.isfinite(x.astype(jnp.float32))))
+                   for x in jax.tree.leaves((p, s))), (name, kind)
+        if kind == "masked":
+            np.testing.assert_array_equal(u["scale"], _grads(params, 2)["scale"])
