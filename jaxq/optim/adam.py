@@ -99,7 +99,7 @@ def _codecs_8bit(block_size, scale_dtype):
     sd = scale_dtype_of(scale_dtype, jnp.bfloat16)
     m = cd.BlockCodec(maps.SIGNED8, bs, 8, sign_fix=True, scale_dtype=sd)
     v = cd.BlockCodec(maps.UNSIGNED8, bs, 8, scale_dtype=sd)
-    return lambda ndim: (m, v)
+    return lambda shape: (m, v)
 
 
 def _codecs_4bit(block_size, scale_dtype):
@@ -110,13 +110,13 @@ def _codecs_4bit(block_size, scale_dtype):
     m = cd.BlockCodec(maps.SIGNED4, bs, 4, sign_fix=True, scale_dtype=sd)
     v1 = cd.BlockCodec(maps.LINEAR4, bs, 4, scale_dtype=sd)
     v2 = cd.Rank1Codec(maps.LINEAR4, bs)
-    return lambda ndim: (m, v2 if ndim >= 2 else v1)
+    return lambda shape: (m, v2 if v2.applies_to(shape) else v1)
 
 
 def _codecs_fp8(block_size, scale_dtype):
     bs = static_int(256 if block_size is None else block_size, "block_size", minimum=1)
     c = cd.FP8Codec(bs, scale_dtype_of(scale_dtype, jnp.bfloat16))
-    return lambda ndim: (c, c)
+    return lambda shape: (c, c)
 
 
 _COMMON_ARGS = """
@@ -175,8 +175,11 @@ def scale_by_adam_4bit(
     ``m``: blocks of 128 along the last axis (rows), 16-value signed dynamic map
     (:func:`dynamic_map_4bit`), no sign flips. ``v``: the linear map without zero
     ``{{1/16, ..., 1}}`` (:func:`linear_map_4bit`), normalized per element by
-    ``min(row_max, col_max)`` over the last two axes (rank-1 normalization) for
-    parameters with >= 2 axes, by block absmax (blocks of 128) for vectors.
+    ``min(row_max, col_max)`` (rank-1 normalization) of a matrix, or of the matrix view of
+    a tensor with more axes (a batch of matrices over the leading axes when the last axis
+    is long; a short last axis merged with the ones before it, ``(d, heads, 64)`` ->
+    ``(d, heads * 64)``); by block absmax (blocks of 128) for vectors and tensors without
+    such a view.
     {args}
     Returns:
         An ``optax.GradientTransformation`` with :class:`QuantizedAdamState`.

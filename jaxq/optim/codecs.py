@@ -50,12 +50,15 @@ class QuantizedMoment(NamedTuple):
 
 
 class Rank1Moment(NamedTuple):
-    """A 4-bit moment normalized by ``min(row_max, col_max)`` over the last two axes.
+    """A 4-bit moment normalized by ``min(row_max, col_max)`` of its matrix view.
+
+    The view ``(..., r, c)`` is the parameter itself when its last axis is long, else the
+    parameter with the short trailing axes merged (:meth:`Rank1Codec.view`).
 
     Attributes:
         codes: packed 4-bit indices ``(..., r, ceil(c / 2))``.
-        row_max: float32 ``(..., r)``, max over the last axis.
-        col_max: float32 ``(..., c)``, max over the second-to-last axis.
+        row_max: float32 ``(..., r)``, max over the view's last axis.
+        col_max: float32 ``(..., c)``, max over the view's second-to-last axis.
     """
 
     codes: jax.Array
@@ -229,17 +232,43 @@ class FP8Codec:
 class Rank1Codec:
     """4-bit linear map without zero, normalized by ``min(row_max_i, col_max_j)``.
 
-    For a non-negative moment ``v`` of shape ``(..., r, c)``: ``R_i = max_j v_ij``,
+    For a non-negative moment ``v`` viewed as ``(..., r, c)`` (see :meth:`view`; for a
+    matrix with a long last axis, the matrix itself): ``R_i = max_j v_ij``,
     ``C_j = max_i v_ij``, ``N_ij = min(R_i, C_j)`` and the code of ``v_ij / N_ij`` on the
     map ``{1/16, ..., 16/16}`` (Li et al. 2023). Since ``N_ij >= v_ij``, the ratio is in
     ``[0, 1]``; a zero ``N_ij`` decodes to 0.
     """
 
     book: CodeBook
-    block_size: int = 128  # blocks of the row-maximum reduction (any size gives the same)
+    block_size: int = 128  # blocks of the row-maximum reduction, and of the row layout
+
+    def view(self, shape) -> tuple[int, ...]:
+        """The matrix view ``(*batch, r, c)`` that is normalized.
+
+        A matrix is its own view (Li et al.'s rank-1 normalization). A tensor of 3 or more
+        axes is viewed in the row layout (:func:`jaxq.optim.blockwise.row_shape`): with a
+        long last axis it is a batch of matrices over its leading axes; a short last axis
+        is merged with the axes before it (``(d, heads, 64)`` -> ``(d, heads * 64)``), so
+        the row and column maxima stay a small fraction of the state.
+        """
+        shape = tuple(int(d) for d in shape)
+        if not self.applies_to(shape):
+            raise ValueError(
+                f"shape: expected a matrix or a tensor with a matrix view, got {shape}"
+            )
+        if len(shape) == 2:
+            return shape
+        lead, n = bw.row_shape(shape, self.block_size)
+        return (*lead, n)
+
+    def applies_to(self, shape) -> bool:
+        """Whether ``shape`` has a matrix view (2-D, or N-D keeping a leading axis)."""
+        return len(shape) == 2 or (
+            len(shape) > 2 and bool(bw.row_shape(shape, self.block_size)[0])
+        )
 
     def init(self, shape) -> Rank1Moment:
-        *lead, r, c = shape
+        *lead, r, c = self.view(shape)
         return Rank1Moment(
             jnp.zeros((*lead, r, (c + 1) // 2), jnp.uint8),
             jnp.zeros((*lead, r), jnp.float32),
@@ -247,32 +276,36 @@ class Rank1Codec:
         )
 
     def dims(self, shape) -> Rank1Moment:
-        ndim = len(shape)
+        # View axis j follows parameter axis j; the row axis the first axis merged into it.
+        nd = len(self.view(shape))
         return Rank1Moment(
-            tuple(range(ndim)),
-            tuple(range(ndim - 1)),
-            tuple(range(ndim - 2)) + (ndim - 1,),
+            tuple(range(nd)),
+            tuple(range(nd - 1)),
+            tuple(range(nd - 2)) + (nd - 1,),
         )
 
     def _norm(self, row, col):
         return jnp.minimum(row[..., :, None], col[..., None, :])
 
     def decode(self, q: Rank1Moment, shape, *, copy: int = 0) -> jax.Array:
-        idx = bw.unpack4(q.codes)[..., : shape[-1]]
-        return self.book.decode(idx, copy=copy) * self._norm(q.row_max, q.col_max)
+        c = self.view(shape)[-1]
+        idx = bw.unpack4(q.codes)[..., :c]
+        return (self.book.decode(idx, copy=copy) * self._norm(q.row_max, q.col_max)).reshape(
+            shape
+        )
 
     @property
     def reductions(self):
         return (self._row, self._col)
 
     def row_axes(self, shape) -> int:
-        """Rows are the last axis: the normalization needs per-row and per-column maxima."""
-        return 1
+        """Number of trailing parameter axes merged into the view's rows."""
+        return len(shape) - len(self.view(shape)) + 1
 
     def blocks(self, x: jax.Array) -> jax.Array:
-        """``(..., c)`` -> ``(..., c_pad / B, B)``: blocks within each row (zero-padded)."""
-        n = x.shape[-1]
-        pad = bw.padded_len(n, self.block_size) - n
+        """The view's rows cut into zero-padded blocks: ``(*batch, r, c_pad / B, B)``."""
+        x = x.reshape(self.view(x.shape))
+        pad = bw.padded_len(x.shape[-1], self.block_size) - x.shape[-1]
         if pad:
             x = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, pad)])
         return x.reshape(*x.shape[:-1], -1, self.block_size)
@@ -291,20 +324,19 @@ class Rank1Codec:
     def extra_reductions(self):
         return (self._col,)
 
-    @staticmethod
-    def _row(x: jax.Array) -> jax.Array:
-        row = bw.absmax(x, -1)  # x >= 0: max |x| = max x
+    def _row(self, x: jax.Array) -> jax.Array:
+        row = bw.absmax(x.reshape(self.view(x.shape)), -1)  # x >= 0: max |x| = max x
         return jnp.where(row >= bw.TINY, row, 0.0)
 
-    @staticmethod
-    def _col(x: jax.Array) -> jax.Array:
+    def _col(self, x: jax.Array) -> jax.Array:
         # Single-operand maxima: the partitioner splits them across a sharded row axis
         # (partial maxima, then an all-reduce), which it does not do for the two-output
         # reduction of bw.absmax.
-        col = _col_max(x)
+        col = _col_max(x.reshape(self.view(x.shape)))
         return jnp.where(col >= bw.TINY, col, 0.0)
 
     def _index(self, x: jax.Array, row, col) -> jax.Array:
+        x = x.reshape(self.view(x.shape))
         norm = self._norm(row, col)
         idx = self.book.encode(x / jnp.where(norm > 0, norm, 1.0))
         if x.shape[-1] % 2:

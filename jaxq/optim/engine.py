@@ -26,7 +26,7 @@ import numpy as np
 from jaxq.optim import codecs as cd
 from jaxq.optim.common import quantize_mask, sanitize
 
-Codecs = Callable[[int], Sequence[Any]]  # ndim -> one codec per moment
+Codecs = Callable[[tuple], Sequence[Any]]  # parameter shape -> one codec per moment
 
 
 def init_moments(params, codecs: Codecs, n: int, *, keep_fp32, min_quantized_size: int):
@@ -36,7 +36,7 @@ def init_moments(params, codecs: Codecs, n: int, *, keep_fp32, min_quantized_siz
     def leaf(p, q, k):
         if not q:
             return jnp.zeros_like(p, dtype=jnp.float32)
-        codec = codecs(p.ndim)[k]
+        codec = codecs(np.shape(p))[k]
         return cd.place_like(p, codec.init(p.shape), codec.dims(p.shape))
 
     return tuple(jax.tree.map(lambda p, q, k=k: leaf(p, q, k), params, qmask) for k in range(n))
@@ -75,7 +75,7 @@ def step_moments(updates, moments: Sequence[Any], codecs: Codecs, step: Callable
     n = len(moments)
 
     def leaf(g, *states):
-        cs = [codecs(g.ndim)[k] if _is_quantized(s) else None for k, s in enumerate(states)]
+        cs = [codecs(g.shape)[k] if _is_quantized(s) else None for k, s in enumerate(states)]
         for c in cs:
             if c is not None:
                 _check_row_sharding(g, c)

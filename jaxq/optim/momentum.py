@@ -38,7 +38,7 @@ def _codecs(block_size, scale_dtype):
     bs = static_int(256 if block_size is None else block_size, "block_size", minimum=1)
     sd = scale_dtype_of(scale_dtype, jnp.bfloat16)
     m = cd.BlockCodec(maps.SIGNED8, bs, 8, sign_fix=True, scale_dtype=sd)
-    return lambda ndim: (m,)
+    return lambda shape: (m,)
 
 
 def _one_moment(step_factory, codecs, keep_fp32, min_quantized_size):

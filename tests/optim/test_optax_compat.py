@@ -173,6 +173,9 @@ def test_short_last_axes_cost_no_padding(shape):
         nbytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state))
         per_param[name] = nbytes / p.size
     assert max(per_param.values()) <= 2.02, per_param
+    state = jax.eval_shape(optim.adamw_4bit(1e-3).init, p)
+    four = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state)) / p.size
+    assert four <= 1.1, four
 
 
 INJECTABLE = {

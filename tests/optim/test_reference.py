@@ -63,15 +63,17 @@ def test_sign_never_flips_8bit():
     x = np.full((1, 256), -1e-9, np.float32)
     x[0, 0] = 1.0
     x[0, 1] = 3e-9
-    codec = optim.adam._codecs_8bit(None, None)(2)[0]
+    codec = optim.adam._codecs_8bit(None, None)((1024, 1024))[0]
     q = codec.encode(jnp.asarray(x))
     back = np.asarray(codec.decode(q, x.shape))
     assert np.all(back[0, 2:] < 0) and back[0, 0] == 1.0 and back[0, 1] >= 0
 
 
-def test_adamw_4bit_vs_float64_numpy():
+@pytest.mark.parametrize("shape", [(48, 300), (24, 16, 64)])
+def test_adamw_4bit_vs_float64_numpy(shape):
+    """Rank-1 normalized v on the matrix view: the matrix, or (24, 16 * 64) for (24, 16, 64)."""
     lr = 1e-3
-    shape = (48, 300)
+    view = (shape[0], int(np.prod(shape[1:])))
     tx = optim.adamw_4bit(lr, weight_decay=0.0)
     key = jax.random.key(1)
     p = jax.random.normal(key, shape) * 0.1
@@ -84,18 +86,19 @@ def test_adamw_4bit_vs_float64_numpy():
                            128, shape)
         norm = np.minimum(np.asarray(st.nu.row_max, np.float64)[:, None],
                           np.asarray(st.nu.col_max, np.float64)[None, :])
-        v = L4[ref.unpack4(st.nu.codes)[:, : shape[-1]]] * norm
+        v = (L4[ref.unpack4(st.nu.codes)[:, : view[-1]]] * norm).reshape(shape)
         u_ref, m_new, v_new = ref.adam_step(g, m, v, t, lr=lr)
         u, state = upd(g, state, p)
         np.testing.assert_allclose(np.asarray(p + u), np.asarray(p, np.float64) + u_ref, atol=1e-6)
         mc, _ = ref.quantize(m_new, M4, 128, scale_dtype="float32", sign_fix=True)
         _codes_agree(ref.unpack4(state[0].mu.codes), mc)
+        v_new = v_new.reshape(view)
         row, col = v_new.max(axis=1), v_new.max(axis=0)
         np.testing.assert_allclose(np.asarray(state[0].nu.row_max), row, rtol=1e-6)
         np.testing.assert_allclose(np.asarray(state[0].nu.col_max), col, rtol=1e-6)
         r = v_new / np.minimum(row[:, None], col[None, :])
         assert r.max() <= 1 + 1e-6
-        _codes_agree(ref.unpack4(state[0].nu.codes)[:, : shape[-1]], ref.nearest(r, L4))
+        _codes_agree(ref.unpack4(state[0].nu.codes)[:, : view[-1]], ref.nearest(r, L4))
         p = p + u
 
 
@@ -178,7 +181,7 @@ def _resync_run(tx, codecs, steps, shape, *, sync_moments):
 
 def test_adamw_8bit_vs_optax_resynced_100_steps():
     tx = optim.adamw_8bit(1e-3, weight_decay=0.0)
-    errs = _resync_run(tx, optim.adam._codecs_8bit(None, None)(2), 100, (1024, 1024),
+    errs = _resync_run(tx, optim.adam._codecs_8bit(None, None)((1024, 1024)), 100, (1024, 1024),
                        sync_moments=True)
     assert errs[:, 0].max() < 6e-5, errs[:, 0].max()
     assert errs[:, 1].max() < 6e-4, errs[:, 1].max()

@@ -69,7 +69,7 @@ def test_nonfinite_element_keeps_its_moments(name):
 
 def test_nonfinite_element_moment_is_held_8bit():
     tx = optim.scale_by_adam_8bit(min_quantized_size=1)
-    m_codec, v_codec = optim.adam._codecs_8bit(None, None)(2)
+    m_codec, v_codec = optim.adam._codecs_8bit(None, None)((1024, 1024))
     p = jnp.ones((1, 256))
     g = jax.random.normal(jax.random.key(0), p.shape)
     _, s1 = tx.update(g, tx.init(p))
