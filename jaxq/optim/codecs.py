@@ -380,6 +380,19 @@ def _col_max(x: jax.Array) -> jax.Array:
     return jnp.max(part, axis=-2)
 
 
+def explicit_sharding(x) -> jax.sharding.NamedSharding | None:
+    """The sharding in a traced value's type when its mesh has explicit axes, else None."""
+    if not isinstance(x, jax.core.Tracer):
+        return None
+    sharding = jax.typeof(x).sharding
+    explicit = jax.sharding.AxisType.Explicit
+    if isinstance(sharding, jax.sharding.NamedSharding) and any(
+        t == explicit for t in getattr(sharding.mesh, "axis_types", ())
+    ):
+        return sharding
+    return None
+
+
 def place_like(param, state, dims):
     """Puts each array of ``state`` on ``param``'s mesh with the matching partition.
 
@@ -391,11 +404,8 @@ def place_like(param, state, dims):
     unchanged.
     """
     if isinstance(param, jax.core.Tracer):
-        sharding = jax.typeof(param).sharding
-        explicit = jax.sharding.AxisType.Explicit
-        if not isinstance(sharding, jax.sharding.NamedSharding) or not any(
-            t == explicit for t in getattr(sharding.mesh, "axis_types", ())
-        ):
+        sharding = explicit_sharding(param)
+        if sharding is None:
             return state
         move = jax.sharding.reshard
     else:

@@ -54,7 +54,7 @@ def step_moments(updates, moments: Sequence[Any], codecs: Codecs, step: Callable
 
     * ``"recompute"`` (chosen on CPU): the float32 moments are never stored. The step is
       traced once per consumer -- the update, one variadic block reduction for all codecs
-      with ``block_parts`` of one block size, each other reduction, and one variadic
+      with ``block_parts`` of one block shape, each other reduction, and one variadic
       OR-reduction encoding all codecs with ``code_parts`` -- with its own private copy
       of the decoding tables (:func:`jaxq.optim.maps.table_lookup`), so XLA's CPU backend
       fuses decode, step and consumer into one loop each instead of writing float32
@@ -101,11 +101,8 @@ def _check_row_sharding(g, codec) -> None:
     under explicit sharding (``jax.sharding.AxisType.Explicit``) the block reshape would
     fail with a less helpful error.
     """
-    sharding = jax.typeof(g).sharding if isinstance(g, jax.core.Tracer) else None
-    explicit = jax.sharding.AxisType.Explicit
-    if not isinstance(sharding, jax.sharding.NamedSharding) or not any(
-        t == explicit for t in getattr(sharding.mesh, "axis_types", ())
-    ):
+    sharding = cd.explicit_sharding(g)
+    if sharding is None:
         return
     axis = g.ndim - codec.row_axes(g.shape)
     spec = tuple(sharding.spec) + (None,) * g.ndim
