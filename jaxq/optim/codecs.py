@@ -6,7 +6,8 @@ parameter of shape ``(*lead, *row)`` with row length ``n`` (usually just the las
 codes have shape ``(*lead, n_pad)`` (8 bits) or ``(*lead, n_pad / 2)`` (4 bits, two codes
 per byte, the even element in the low nibble) and the block scales
 ``(*lead, n_pad / block_size)``; each state axis follows one parameter axis (the row axis
-the first row axis), so the state takes the parameter's ``PartitionSpec`` on those axes.
+follows the first axis merged into it), so the state takes the parameter's
+``PartitionSpec`` on those axes.
 
 Encoding is split so that the optimizer step compiles to few passes over memory: each
 codec lists its ``reductions`` (functions from the float32 moment to its scale statistics,
@@ -64,7 +65,6 @@ class Rank1Moment(NamedTuple):
     codes: jax.Array
     row_max: jax.Array
     col_max: jax.Array
-
 
 
 def _e4m3(x: jax.Array) -> jax.Array:
