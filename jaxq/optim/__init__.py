@@ -11,13 +11,12 @@ Decisions, in one place:
 * **Block layout**: blocks run along the parameter's *last axis*, zero-padded to a multiple
   of ``block_size``; a short last axis that would need more than 1/64 padding is merged
   with the axes before it (``(d, heads, 64)`` -> rows of ``heads * 64``; see
-  :func:`jaxq.optim.blockwise.row_axes`), so no shape costs more than ~2.02 bytes/param in
-  8 bits. Codes and block scales keep the leading axes, so they take the parameter's
-  ``PartitionSpec`` and a sharded update needs no all-gather (when the row axis is
-  sharded, each shard must hold whole blocks: ``n / devices % block_size == 0``;
-  sharding a merged minor axis is not local). Under explicit sharding a layout that would
-  split blocks is a ``ValueError``, and ``jax.jit(opt.init)`` places the state like the
-  parameters.
+  :func:`jaxq.optim.blockwise.row_axes`), so padding stays under 1/64 of a row. Codes and
+  block scales keep the leading axes, so they take the parameter's ``PartitionSpec`` and a
+  sharded update needs no all-gather (when the row axis is sharded, each shard must hold
+  whole blocks: ``n / devices % block_size == 0``; sharding a merged minor axis is not
+  local). Under explicit sharding a layout that would split blocks is a ``ValueError``,
+  and ``jax.jit(opt.init)`` places the state like the parameters.
 * **Block scales**: 8-bit and FP8 store them in bfloat16 rounded *up* (2.016 bytes/param
   for 8-bit AdamW); ``scale_dtype=jnp.float32`` gives bitsandbytes' float32 absmax
   (2.031 bytes/param). 4-bit stores float32 scales (1.03 bytes/param).

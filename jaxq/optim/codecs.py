@@ -74,8 +74,36 @@ def _e4m3(x: jax.Array) -> jax.Array:
     return jax.lax.bitcast_convert_type(e4m3_bits(x), fmt.dtype)
 
 
+class _Blocked:
+    """What every blockwise codec shares: the operands of its per-block reduction."""
+
+    def block_parts(self, xb: jax.Array):
+        """Operands of the block reduction over the last axis of ``xb``: ``(max, min)``.
+
+        Zero padding leaves ``max |x|`` as it is.
+        """
+        return ((xb, "max"), (xb, "min"))
+
+
+class _RowLayout(_Blocked):
+    """Codecs whose state follows the row layout of :mod:`jaxq.optim.blockwise`."""
+
+    def dims(self, shape) -> QuantizedMoment:
+        # The row axis follows the first parameter axis merged into it.
+        same = tuple(range(len(shape) - bw.row_axes(shape, self.block_size) + 1))
+        return QuantizedMoment(same, same)
+
+    def blocks(self, x: jax.Array) -> jax.Array:
+        """``x`` cut into this codec's blocks (row layout)."""
+        return bw.to_blocks(x, self.block_size)
+
+    def row_axes(self, shape) -> int:
+        """Number of trailing axes forming a row of blocks."""
+        return bw.row_axes(shape, self.block_size)
+
+
 @dataclasses.dataclass(frozen=True)
-class BlockCodec:
+class BlockCodec(_RowLayout):
     """Blockwise absmax quantization onto a code map (8-bit, or 4-bit packed).
 
     ``encode``: per block ``absmax = max |x|``, stored rounded up in ``scale_dtype``;
@@ -100,19 +128,6 @@ class BlockCodec:
         absmax = jnp.zeros((*lead, npad // self.block_size), self.scale_dtype)
         return QuantizedMoment(codes, absmax)
 
-    def dims(self, shape) -> QuantizedMoment:
-        # The row axis follows the first parameter axis merged into it.
-        same = tuple(range(len(shape) - bw.row_axes(shape, self.block_size) + 1))
-        return QuantizedMoment(same, same)
-
-    def blocks(self, x: jax.Array) -> jax.Array:
-        """``x`` cut into this codec's blocks (row layout)."""
-        return bw.to_blocks(x, self.block_size)
-
-    def row_axes(self, shape) -> int:
-        """Number of trailing axes forming a row of blocks."""
-        return bw.row_axes(shape, self.block_size)
-
     def decode(self, q: QuantizedMoment, shape, *, copy: int = 0) -> jax.Array:
         idx = bw.unpack4(q.codes) if self.bits == 4 else q.codes
         vals = self.book.decode(idx, copy=copy)
@@ -127,10 +142,6 @@ class BlockCodec:
     def _scale(self, x: jax.Array) -> jax.Array:
         xb = bw.to_blocks(x, self.block_size)
         return bw.round_up_scale(bw.block_absmax(xb), self.scale_dtype)
-
-    def block_parts(self, xb: jax.Array):
-        """Operands of the block reduction over the last axis of ``xb``: ``(max, min)``."""
-        return ((xb, "max"), (xb, "min"))
 
     def block_stats(self, reduced) -> tuple:
         """The stats (as ``reductions`` gives them) from the reduced :meth:`block_parts`."""
@@ -166,7 +177,7 @@ class BlockCodec:
 
 
 @dataclasses.dataclass(frozen=True)
-class FP8Codec:
+class FP8Codec(_RowLayout):
     """Blockwise E4M3: ``scale = absmax / 448`` per block, codes = ``E4M3(x / scale)`` (RNE)."""
 
     block_size: int = 256
@@ -179,19 +190,6 @@ class FP8Codec:
             jnp.zeros((*lead, npad), formats.E4M3.dtype),
             jnp.zeros((*lead, npad // self.block_size), self.scale_dtype),
         )
-
-    def dims(self, shape) -> QuantizedMoment:
-        # The row axis follows the first parameter axis merged into it.
-        same = tuple(range(len(shape) - bw.row_axes(shape, self.block_size) + 1))
-        return QuantizedMoment(same, same)
-
-    def blocks(self, x: jax.Array) -> jax.Array:
-        """``x`` cut into this codec's blocks (row layout)."""
-        return bw.to_blocks(x, self.block_size)
-
-    def row_axes(self, shape) -> int:
-        """Number of trailing axes forming a row of blocks."""
-        return bw.row_axes(shape, self.block_size)
 
     def decode(self, q: QuantizedMoment, shape, *, copy: int = 0) -> jax.Array:
         # E4M3 -> float32 by integer arithmetic (exact, no lookup, so each consumer
@@ -210,10 +208,6 @@ class FP8Codec:
         scale = bw.block_absmax(xb) / np.float32(formats.E4M3.max)
         return bw.round_up_scale(jnp.where(scale >= bw.TINY, scale, 0.0), self.scale_dtype)
 
-    def block_parts(self, xb: jax.Array):
-        """Operands of the block reduction over the last axis of ``xb``: ``(max, min)``."""
-        return ((xb, "max"), (xb, "min"))
-
     def block_stats(self, reduced) -> tuple:
         """The stats (as ``reductions`` gives them) from the reduced :meth:`block_parts`."""
         hi, lo = reduced
@@ -229,7 +223,7 @@ class FP8Codec:
 
 
 @dataclasses.dataclass(frozen=True)
-class Rank1Codec:
+class Rank1Codec(_Blocked):
     """4-bit linear map without zero, normalized by ``min(row_max_i, col_max_j)``.
 
     For a non-negative moment ``v`` viewed as ``(..., r, c)`` (see :meth:`view`; for a
@@ -310,10 +304,6 @@ class Rank1Codec:
             x = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, pad)])
         return x.reshape(*x.shape[:-1], -1, self.block_size)
 
-    def block_parts(self, xb: jax.Array):
-        """Per-block ``(max, min)`` of the zero-padded rows (zeros leave ``max |x|`` as is)."""
-        return ((xb, "max"), (xb, "min"))
-
     def block_stats(self, reduced) -> tuple:
         """The row maxima from the reduced :meth:`block_parts` (the column maxima follow)."""
         hi, lo = reduced
@@ -380,6 +370,14 @@ def _col_max(x: jax.Array) -> jax.Array:
     return jnp.max(part, axis=-2)
 
 
+def shard_count(mesh, axes) -> int:
+    """Number of shards of an axis partitioned over mesh ``axes`` (None, a name or a tuple)."""
+    if axes is None:
+        return 1
+    axes = axes if isinstance(axes, tuple) else (axes,)
+    return int(np.prod([mesh.shape[a] for a in axes]))
+
+
 def explicit_sharding(x) -> jax.sharding.NamedSharding | None:
     """The sharding in a traced value's type when its mesh has explicit axes, else None."""
     if not isinstance(x, jax.core.Tracer):
@@ -416,17 +414,11 @@ def place_like(param, state, dims):
     spec = tuple(sharding.spec) + (None,) * (param.ndim - len(sharding.spec))
     mesh = sharding.mesh
 
-    def size(axes):
-        if axes is None:
-            return 1
-        axes = axes if isinstance(axes, tuple) else (axes,)
-        return int(np.prod([mesh.shape[a] for a in axes]))
-
     def put(arr, arr_dims):
         parts = []
         for d, pd in zip(range(arr.ndim), arr_dims, strict=True):
             axes = spec[pd]
-            parts.append(axes if arr.shape[d] % size(axes) == 0 else None)
+            parts.append(axes if arr.shape[d] % shard_count(mesh, axes) == 0 else None)
         spec_ = jax.sharding.PartitionSpec(*parts)
         return move(arr, jax.sharding.NamedSharding(mesh, spec_))
 

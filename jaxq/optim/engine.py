@@ -75,7 +75,7 @@ def step_moments(updates, moments: Sequence[Any], codecs: Codecs, step: Callable
     n = len(moments)
 
     def leaf(g, *states):
-        cs = [codecs(g.shape)[k] if _is_quantized(s) else None for k, s in enumerate(states)]
+        cs = [c if _is_quantized(s) else None for c, s in zip(codecs(g.shape), states, strict=True)]
         for c in cs:
             if c is not None:
                 _check_row_sharding(g, c)
@@ -106,11 +106,7 @@ def _check_row_sharding(g, codec) -> None:
         return
     axis = g.ndim - codec.row_axes(g.shape)
     spec = tuple(sharding.spec) + (None,) * g.ndim
-    axes = spec[axis]
-    if axes is None:
-        return
-    axes = axes if isinstance(axes, tuple) else (axes,)
-    shards = int(np.prod([sharding.mesh.shape[a] for a in axes]))
+    shards = cd.shard_count(sharding.mesh, spec[axis])
     row = int(np.prod(g.shape[axis:]))
     if row % shards or (row // shards) % codec.block_size:
         raise ValueError(
