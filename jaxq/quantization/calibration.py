@@ -87,9 +87,14 @@ def scale_for_amax(amax: jax.Array, m: float) -> jax.Array:
     This equals ``amax / m`` up to an ulp, and it is a fixed point of re-quantization: the
     largest dequantized value ``fl(m · s)`` maps back to the same ``s``. It is computed with
     multiplications only, because XLA's float division is not correctly rounded on CPU.
+
+    Scales are never subnormal: backends flush subnormal operands to zero, so a tiny
+    ``amax`` (below ``m`` times the smallest normal float32) gets the smallest normal scale
+    ``2**-126``; its codes still fit, as ``|x| / s <= amax / s < m``.
     """
     amax = jax.lax.stop_gradient(amax)  # scales are not differentiated (see fake_quant)
-    amax = jnp.where(amax > 0, amax, jnp.float32(m))[..., None]
+    tiny = np.float32(np.finfo(np.float32).tiny)
+    amax = jnp.where(amax > 0, jnp.maximum(amax, tiny * np.float32(m)), jnp.float32(m))[..., None]
     s = amax * jnp.float32(1.0 / m)  # within an ulp or two of amax / m
     down, up = jnp.float32(-jnp.inf), jnp.float32(jnp.inf)
     lo2 = jnp.nextafter(jnp.nextafter(s, down), down)

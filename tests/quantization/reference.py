@@ -11,7 +11,7 @@ E4M3 = ml_dtypes.float8_e4m3fn
 
 
 def fixed_point_scale(amax: np.ndarray, m: float) -> np.ndarray:
-    """Smallest float32 ``s`` with ``float32(m * s) >= amax`` (1 where amax == 0)."""
+    """Smallest normal float32 ``s`` with ``float32(m * s) >= amax`` (1 where amax == 0)."""
     amax = np.asarray(amax, np.float32)
     out = np.ones_like(amax)
     pos = amax > 0
@@ -21,7 +21,7 @@ def fixed_point_scale(amax: np.ndarray, m: float) -> np.ndarray:
     for _ in range(4):
         ok = (np.float32(m) * s).astype(np.float32) >= a.astype(np.float32)
         s = np.where(ok, s, np.nextafter(s, np.float32(np.inf)))
-    out[pos] = s
+    out[pos] = np.maximum(s, np.finfo(np.float32).tiny)  # scales are never subnormal
     return out
 
 

@@ -156,6 +156,25 @@ def test_zero_tensor_gives_finite_scales_and_zero_codes():
         np.testing.assert_array_equal(jaxq.dequantize(q), 0.0)
 
 
+def test_tiny_amax_gets_the_smallest_normal_scale():
+    # amax / M below 2**-126 would be a subnormal scale, which backends flush to zero.
+    tiny = np.finfo(np.float32).tiny
+    rng = np.random.default_rng(7)
+    for v in [tiny, 3.0 * tiny, 100.0 * tiny, 1e-40]:
+        x = (rng.uniform(-1, 1, (4, 64)) * v).astype(np.float32)
+        x[0, 0] = v
+        for fmt in [F.INT8, F.INT4, F.INT2, F.E4M3, F.E5M2, F.E2M1]:
+            for kw in [{}, {"axis": 0}, {"block_size": 32}]:
+                q = jaxq.quantize(jnp.asarray(x), fmt, **kw)
+                s = np.asarray(q.scale, np.float32)
+                assert np.all(s >= tiny) and np.all(np.isfinite(s)), (v, fmt.name, kw, s)
+                d = np.asarray(jaxq.dequantize(q))
+                # integer grids: half a step; float grids: half the top step at most
+                half = 0.5 if fmt.kind == "int" else fmt.max * 2.0 ** -(fmt.mantissa_bits + 1)
+                # + tiny: backends may read a subnormal input as 0 (flush to zero)
+                assert np.all(np.abs(d - x) <= np.max(s) * half + tiny), (v, fmt.name, kw)
+
+
 def test_non_finite_inputs():
     x = np.ones((2, 64), np.float32)
     x[0, 3] = np.nan
