@@ -51,6 +51,8 @@ CONFIGS = {
     "64M": GPTConfig(d_model=1024, n_heads=16, n_layers=5, seq_len=1024),
     "256M": GPTConfig(d_model=2048, n_heads=16, n_layers=5, seq_len=1024),
     "1B": GPTConfig(d_model=4096, n_heads=32, n_layers=5, seq_len=1024),
+    # As 16M without biases (LLaMA-style projections): only LayerNorms stay float32.
+    "16M-nobias": GPTConfig(d_model=512, n_heads=8, n_layers=5, seq_len=1024, use_bias=False),
 }
 LR, B1, B2, EPS, WD = 1e-3, 0.9, 0.999, 1e-8, 1e-2
 GOALS = {"adamw_8bit": 2.02, "adamw_4bit": 1.07}
@@ -241,7 +243,7 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--sizes", default="16M,64M", help="comma-separated keys of CONFIGS")
     ap.add_argument("--repeats", type=int, default=None, help="timed rounds (default 10/5)")
-    ap.add_argument("--bytes-sizes", default="256M,1B",
+    ap.add_argument("--bytes-sizes", default="16M-nobias,256M,1B",
                     help="further sizes for (a) only, from shapes (no memory, no timing)")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--no-torch", action="store_true", help="skip (c)")
@@ -316,10 +318,12 @@ def write_report(args, bytes_rows, time_rows, with_torch: bool) -> None:
         f"- Hyperparameters: lr={LR}, b1={B1}, b2={B2}, eps={EPS}, weight_decay={WD} "
         "(torch/bnb: Adam without weight decay); jaxq defaults otherwise "
         "(min_quantized_size=4096, blocks 256 for 8-bit/FP8, 128 for 4-bit).",
-        "- Parameters: the shapes of `jaxq.models.GPT` (vocab 256, tied embeddings, biases) "
+        "- Parameters: the shapes of `jaxq.models.GPT` (vocab 256, tied embeddings) "
         + "; ".join(
-            f"{k}: d_model={c.d_model}, n_layers={c.n_layers}, seq_len={c.seq_len}"
-            for k, c in CONFIGS.items() if k in args.sizes or k in args.bytes_sizes
+            f"{k}: d_model={c.d_model}, n_layers={c.n_layers}, seq_len={c.seq_len}, "
+            f"{'biases' if c.use_bias else 'no biases'}"
+            for k, c in CONFIGS.items()
+            if k in args.sizes.split(",") + args.bytes_sizes.split(",")
         )
         + ". Values N(0, 0.02), gradients N(0, 1e-3), fixed across steps.",
         ("- The machine is shared with other jobs: wall times are inflated by their load "
