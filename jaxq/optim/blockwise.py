@@ -37,9 +37,14 @@ def _codebook(code) -> CodeBook:
     if isinstance(code, CodeBook):
         return code
     arr = np.asarray(code)
-    if arr.ndim != 1 or arr.size < 2 or not np.all(np.diff(arr.astype(np.float64)) > 0):
+    if arr.ndim != 1 or arr.size < 2:
         raise ValueError(
             f"code: expected a 1-D ascending map of >= 2 values, got shape {arr.shape}"
+        )
+    if not np.all(np.diff(arr.astype(np.float32).astype(np.float64)) > 0):
+        raise ValueError(
+            "code: expected strictly ascending float32 values (sort the map, e.g. "
+            "np.sort(code), and drop duplicates)"
         )
     return _cached_book(arr.astype(np.float32).tobytes())
 
@@ -97,8 +102,9 @@ def quantize_blockwise(x, code, *, block_size: int = 256):
     The tensor is flattened and cut into blocks of ``block_size`` consecutive elements (the
     last block may be partial). For block ``b`` with ``absmax_b = max |x_i|``, element
     ``x_i`` is stored as the index of the nearest map value to ``x_i * (1 / absmax_b)``
-    (ties to the lower index). A block whose absmax is 0 (or below the smallest normal
-    float32, ``1.2e-38``) is stored as zeros with absmax 0. Inputs must be finite: a NaN
+    (on an exact float32 midpoint, the even index of the two, as bitsandbytes' search). A
+    block whose absmax is 0 (or below the smallest normal float32, ``1.2e-38``) is stored
+    as zeros with absmax 0. Inputs must be finite: a NaN
     propagates into its block's absmax (and so becomes visible on dequantization).
 
     Args:
@@ -166,7 +172,10 @@ def dequantize_blockwise(codes, absmax, code, shape, *, block_size: int = 256):
     """
     book = _codebook(code)
     block_size = _check_block(block_size)
-    shape = tuple(int(s) for s in shape)
+    try:
+        shape = tuple(int(s) for s in np.atleast_1d(shape)) if np.ndim(shape) else (int(shape),)
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"shape: expected a tuple of ints, got {shape!r}") from e
     n = int(np.prod(shape, dtype=np.int64))
     codes = jnp.asarray(codes)
     absmax = jnp.asarray(absmax)

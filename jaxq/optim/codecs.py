@@ -256,10 +256,22 @@ class Rank1Codec(_Blocked):
         return (*lead, n)
 
     def applies_to(self, shape) -> bool:
-        """Whether ``shape`` has a matrix view (2-D, or N-D keeping a leading axis)."""
-        return len(shape) == 2 or (
-            len(shape) > 2 and bool(bw.row_shape(shape, self.block_size)[0])
-        )
+        """Whether ``shape`` has a matrix view ``(..., r, c)`` whose maxima are cheap.
+
+        The view is 2-D, or N-D keeping a leading axis, with ``1/r + 1/c <= 1/16``: the
+        ``r + c`` float32 maxima add at most 1/4 byte per parameter. Degenerate matrices
+        such as ``(1, 8192)`` or ``(4096, 2)``, whose maxima would cost up to 4 bytes per
+        parameter, are left to the blockwise codec.
+        """
+        shape = tuple(int(d) for d in shape)
+        if len(shape) == 2:
+            r, c = shape
+        elif len(shape) > 2 and bw.row_shape(shape, self.block_size)[0]:
+            lead, c = bw.row_shape(shape, self.block_size)
+            r = lead[-1]
+        else:
+            return False
+        return r > 0 and c > 0 and 16 * (r + c) <= r * c
 
     def init(self, shape) -> Rank1Moment:
         *lead, r, c = self.view(shape)

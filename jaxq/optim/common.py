@@ -71,6 +71,8 @@ def static_int(value, name: str, *, minimum: int) -> int:
             f"{name}: expected a static int, got a traced value; with "
             f"optax.inject_hyperparams pass static_args=('{name}',)"
         )
+    if not np.issubdtype(np.asarray(value).dtype, np.integer) or isinstance(value, bool):
+        raise TypeError(f"{name}: expected an int, got {value!r}")
     try:
         out = int(np.asarray(value).item())
     except (TypeError, ValueError) as e:
@@ -87,11 +89,12 @@ def quantize_mask(
 ):
     """Pytree of bools over ``params``: True where the state is quantized.
 
-    A leaf keeps float32 state when it is a scalar, has fewer than ``min_quantized_size``
-    elements, is a :class:`~jaxq.optim.StableEmbed` table (:func:`is_stable_embedding`),
-    or ``keep_fp32`` selects it. ``keep_fp32`` is a predicate ``(path: str, leaf) -> bool``
-    on the ``"/"``-joined key path, a pytree of bools with ``params``' structure
-    (True = keep 32-bit), or None (StableEmbed tables only).
+    A leaf keeps float32 state when it is a scalar, is empty, has fewer than
+    ``min_quantized_size`` elements, is a :class:`~jaxq.optim.StableEmbed` table
+    (:func:`is_stable_embedding`), or ``keep_fp32`` selects it. ``keep_fp32`` is a
+    predicate ``(path: str, leaf) -> bool`` on the ``"/"``-joined key path, a pytree of
+    bools with ``params``' structure (True = keep 32-bit), or None (StableEmbed tables
+    only).
     """
     if keep_fp32 is None:
         keep_fp32 = lambda path, x: False  # noqa: E731
@@ -116,14 +119,17 @@ def quantize_mask(
     def decide(x, k):
         shape = np.shape(x)
         size = int(np.prod(shape, dtype=np.int64))
-        return (not k) and len(shape) > 0 and size >= min_quantized_size
+        return (not k) and len(shape) > 0 and size >= max(min_quantized_size, 1)
 
     return jax.tree.map(decide, params, keep)
 
 
 def scale_dtype_of(value, default) -> jnp.dtype:
     """The block-scale dtype: float32 or bfloat16 (default when None), else ValueError."""
-    dt = jnp.dtype(default if value is None else value)
+    try:
+        dt = jnp.dtype(default if value is None else value)
+    except TypeError as e:
+        raise TypeError(f"scale_dtype: expected float32 or bfloat16, got {value!r}") from e
     if dt not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)):
         raise ValueError(f"scale_dtype: expected float32 or bfloat16, got {dt}")
     return dt

@@ -16,7 +16,7 @@ of one parameter's shape, plus one codec per moment. The engine
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -44,6 +44,19 @@ def init_moments(params, codecs: Codecs, n: int, *, keep_fp32, min_quantized_siz
 
 def _is_quantized(s) -> bool:
     return isinstance(s, (cd.QuantizedMoment, cd.Rank1Moment))
+
+
+def _as_moment(s):
+    """A quantized moment from its fields when a container turned it into a mapping.
+
+    ``flax.nnx.Optimizer`` stores the new state through ``nnx.state``, which turns each
+    :class:`~jaxq.optim.codecs.QuantizedMoment` into a ``State`` mapping of its fields.
+    """
+    if isinstance(s, Mapping) and not _is_quantized(s):
+        for kind in (cd.QuantizedMoment, cd.Rank1Moment):
+            if set(s.keys()) == set(kind._fields):
+                return kind(**{f: s[f] for f in kind._fields})
+    return s
 
 
 def step_moments(updates, moments: Sequence[Any], codecs: Codecs, step: Callable, *,
@@ -75,6 +88,8 @@ def step_moments(updates, moments: Sequence[Any], codecs: Codecs, step: Callable
     n = len(moments)
 
     def leaf(g, *states):
+        g = jnp.asarray(g)  # also Python scalars, as optax accepts
+        states = tuple(_as_moment(s) for s in states)
         cs = [c if _is_quantized(s) else None for c, s in zip(codecs(g.shape), states, strict=True)]
         for c in cs:
             if c is not None:
@@ -108,7 +123,7 @@ def _check_row_sharding(g, codec) -> None:
     spec = tuple(sharding.spec) + (None,) * g.ndim
     shards = cd.shard_count(sharding.mesh, spec[axis])
     row = int(np.prod(g.shape[axis:]))
-    if row % shards or (row // shards) % codec.block_size:
+    if shards > 1 and (row % shards or (row // shards) % codec.block_size):
         raise ValueError(
             f"parameter of shape {g.shape} sharded along axis {axis} into {shards} shards: "
             f"each shard holds {row / shards:g} elements of a row, not whole blocks of "
@@ -123,7 +138,9 @@ def _fresh(g, states, cs, step, copy: int):
            for s, c in zip(states, cs, strict=True)]
     u, new = step(g32, old)
     new = [jnp.where(finite, m, o) for m, o in zip(new, old, strict=True)]
-    return jnp.where(finite, u, 0.0).astype(g.dtype), new
+    # float32 (the moments' precision) for lower-precision gradients, as optax's update
+    # follows its float32 moments.
+    return jnp.where(finite, u, 0.0).astype(jnp.promote_types(g.dtype, jnp.float32)), new
 
 
 def _plain_leaf(g, states, cs, step):

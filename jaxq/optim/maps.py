@@ -183,7 +183,7 @@ def _bucket_table(mids: np.ndarray) -> tuple[np.ndarray, int]:
     for shift in range(17, 10, -1):
         if np.unique(mbits >> shift).size == mbits.size:
             break
-    else:  # pragma: no cover - the shipped maps bucket at shift >= 14
+    else:  # the shipped maps bucket at shift >= 14; CodeBook.of falls back to comparisons
         raise ValueError("map values too close together for a bucket table")
     b = np.arange(2 ** (32 - shift), dtype=np.uint64)
     low = (b << shift).astype(np.uint32)
@@ -247,15 +247,18 @@ def _even_grid(values: np.ndarray) -> tuple[float, float] | None:
 class CodeBook:
     """A quantization map plus its nearest-code search (hashable by identity; static).
 
-    ``encode(x)`` returns, for each element, the index of the nearest map value (ties go to
-    the lower index): ``#{j : mids[j] < x}`` with ``mids`` the float32 midpoints
-    ``(values[j] + values[j + 1]) / 2``. Maps with more than 16 values search with one
+    ``encode(x)`` returns, for each element, the index of the nearest map value; an ``x``
+    exactly at a float32 midpoint ``(values[j] + values[j + 1]) / 2`` goes to the *even*
+    index of the two, as in bitsandbytes' binary search (whose last probe is always an even
+    index). It is ``#{j : cuts[j] < x}`` with ``cuts[j]`` that midpoint for even ``j`` and
+    the float32 just below it for odd ``j``. Maps with more than 16 values search with one
     lookup of a table over the high bits of ``x``'s float32 bit pattern, whose entry also
     settles the one midpoint comparison left in the bucket (``_search_table``); evenly spaced
     maps ``values[j] = (j + j0) * d`` (``d`` a power of two, e.g. :func:`linear_map_4bit`)
     use the closed form ``clip(ceil((x * 2 / d - (2 * j0 + 1)) / 2), 0, n - 1)``, exact in
-    float32 for ``|x| * 2 / d < 2**22`` (every step is exact there), which reads ``x``
-    once; other small maps compare against every midpoint.
+    float32 for ``|x| * 2 / d < 2**22`` (every step is exact there; an odd integer result
+    of the ceiling's argument is a tie, moved up to the even index), which reads ``x`` once;
+    other small maps compare against every cut.
 
     Attributes:
         name: a label.
@@ -269,7 +272,7 @@ class CodeBook:
 
     name: str
     values: np.ndarray
-    mids: np.ndarray
+    cuts: np.ndarray  # decision thresholds: midpoints, those going up moved one float32 down
     table: np.ndarray | None
     shift: int
     grid: tuple[float, float] | None = None  # (2 / d, 2 * j0 + 1) for evenly spaced maps
@@ -279,12 +282,19 @@ class CodeBook:
     def of(cls, name: str, values: np.ndarray) -> CodeBook:
         values = np.asarray(values, np.float32)
         mids = ((values[:-1] + values[1:]) / np.float32(2)).astype(np.float32)
+        # x == mids[j] goes to j when it is values[j], or a true tie with j even; else to
+        # j + 1, which "x > cut" does with the float32 just below the midpoint.
+        even = np.arange(mids.size) % 2 == 0
+        lower = (mids == values[:-1]) | ((mids != values[1:]) & even)
+        cuts = np.where(lower, mids, np.nextafter(mids, np.float32(-np.inf))).astype(np.float32)
+        table, shift, search = None, 0, None
         if values.size > 16:
-            table, shift = _bucket_table(mids)
-            search = _search_table(mids, table, shift)
-        else:
-            table, shift, search = None, 0, None
-        return cls(name, values, mids, table, shift, _even_grid(values), search)
+            try:
+                table, shift = _bucket_table(cuts)
+                search = _search_table(cuts, table, shift)
+            except ValueError:  # values too close for buckets: compare against every cut
+                table, shift, search = None, 0, None
+        return cls(name, values, cuts, table, shift, _even_grid(values), search)
 
     @property
     def zero_index(self) -> int:
@@ -297,10 +307,14 @@ class CodeBook:
         if self.grid is not None:
             scale, offset = self.grid
             t = (x * np.float32(scale) - np.float32(offset)) * np.float32(0.5)
-            return jnp.clip(jnp.ceil(t), 0, self.values.size - 1).astype(jnp.int32)
+            up = jnp.ceil(t)
+            # t == k exactly: x is the midpoint of values k and k + 1; odd k ties up.
+            tie_up = (up == t) & (jnp.abs(jnp.fmod(up, 2.0)) == 1.0)
+            idx = up + tie_up.astype(jnp.float32)
+            return jnp.clip(idx, 0, self.values.size - 1).astype(jnp.int32)
         if self.table is None:
             idx = jnp.zeros(x.shape, jnp.int32)
-            for m in self.mids:
+            for m in self.cuts:
                 idx = idx + (x > m).astype(jnp.int32)
             return idx
         # One lookup of the merged table (see _search_table); the entry is used once, so

@@ -11,6 +11,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from jaxq.optim import codecs as cd
@@ -191,8 +192,12 @@ def sgd_8bit(
         >>> tx = sgd_8bit(0.1, momentum=0.9, nesterov=True)
         >>> state = tx.init({"w": jnp.zeros((128, 128))})
     """
-    if momentum is None or (isinstance(momentum, (int, float)) and not 0 < momentum <= 1):
-        raise ValueError(f"momentum: expected a number in (0, 1], got {momentum!r}")
+    if momentum is None:
+        raise ValueError("momentum: expected a number in (0, 1], got None")
+    if not isinstance(momentum, jax.core.Tracer) and np.ndim(momentum) == 0:
+        m = float(np.asarray(momentum))  # Python, NumPy or concrete JAX scalars
+        if not 0 < m <= 1:
+            raise ValueError(f"momentum: expected a number in (0, 1], got {momentum!r}")
     return optax.chain(
         trace_8bit(
             momentum, nesterov, block_size=block_size, min_quantized_size=min_quantized_size,

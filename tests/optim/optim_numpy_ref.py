@@ -16,13 +16,22 @@ TINY = float(np.finfo(np.float32).tiny)
 
 
 def nearest(r: np.ndarray, code: np.ndarray) -> np.ndarray:
-    """Index of the nearest code value for each element (first on ties), chunked."""
+    """Index of the nearest code value for each element, chunked.
+
+    Ties (both neighbours at the same float64 distance) go to the even index, as
+    bitsandbytes' search does.
+    """
     flat = r.reshape(-1)
     out = np.empty(flat.shape, np.int64)
     c = code.astype(np.float64)
     for i in range(0, flat.size, 1 << 16):
         chunk = flat[i : i + (1 << 16)]
-        out[i : i + chunk.size] = np.argmin(np.abs(chunk[:, None] - c[None, :]), axis=1)
+        dist = np.abs(chunk[:, None] - c[None, :])
+        first = np.argmin(dist, axis=1)
+        nxt = np.minimum(first + 1, c.size - 1)
+        rows = np.arange(chunk.size)
+        tie = (nxt != first) & (dist[rows, nxt] == dist[rows, first])
+        out[i : i + chunk.size] = np.where(tie & (first % 2 == 1), nxt, first)
     return out.reshape(r.shape)
 
 

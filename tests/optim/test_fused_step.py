@@ -18,14 +18,14 @@ from jaxq.optim import maps
 
 
 def _compare_count(book, x):
-    """Reference nearest-code rule: #{j : mids[j] < x} in float32."""
-    return (x[:, None] > book.mids[None, :]).sum(axis=1)
+    """Reference nearest-code rule: #{j : cuts[j] < x} in float32."""
+    return (x[:, None] > book.cuts[None, :]).sum(axis=1)
 
 
 def test_linear_map_closed_form_matches_comparisons():
     book = maps.LINEAR4
     assert book.grid is not None
-    mids = book.mids
+    mids = ((book.values[:-1] + book.values[1:]) / np.float32(2)).astype(np.float32)
     near = [np.nextafter(mids, np.float32(-np.inf)), mids, np.nextafter(mids, np.float32(np.inf))]
     rng = np.random.default_rng(0)
     edges = np.array([0.0, -0.0, 1.0, 1.5, 1e-45, 1e-38, 1 / 16, 3 / 32, 0.5], np.float32)
@@ -89,7 +89,7 @@ def test_merged_search_table_matches_bucket_then_midpoint(book):
     b = np.arange(book.table.size, dtype=np.uint64)
     low = (b << shift).astype(np.uint32)
     high = (low | np.uint32((1 << shift) - 1)).astype(np.uint32)
-    mids = book.mids.view(np.uint32)
+    mids = book.cuts.view(np.uint32)
     rng = np.random.default_rng(1)
     pats = np.concatenate([
         low, high, low + 1, high - 1, mids, mids - 1, mids + 1,
@@ -99,7 +99,7 @@ def test_merged_search_table_matches_bucket_then_midpoint(book):
     x = pats.view(np.float32)
     x = x[~np.isnan(x)]
     cand = book.table[x.view(np.uint32) >> shift].astype(np.int64)
-    want = cand + (x > np.append(book.mids, np.float32(np.inf))[cand])
+    want = cand + (x > np.append(book.cuts, np.float32(np.inf))[cand])
     got = np.asarray(jax.jit(book.encode)(jnp.asarray(x)))
     np.testing.assert_array_equal(got, want)
     np.testing.assert_array_equal(got, _compare_count(book, x))

@@ -78,19 +78,63 @@ def test_map_properties_and_4bit_maps():
 def test_nearest_code_matches_brute_force(book):
     rng = np.random.default_rng(0)
     lo = -1.0 if book.values[0] < 0 else 0.0
+    mids = ((book.values[:-1] + book.values[1:]) / np.float32(2)).astype(np.float32)
     x = np.concatenate([
         rng.uniform(lo, 1.0, 20000), rng.uniform(lo, 1, 5000) * 1e-3,
-        rng.uniform(lo, 1, 5000) * 1e-6, book.mids, np.nextafter(book.mids, 2),
-        np.nextafter(book.mids, -2), book.values, [0.0, 1.0, 1.0000001, 1e-45],
+        rng.uniform(lo, 1, 5000) * 1e-6, mids, np.nextafter(mids, 2),
+        np.nextafter(mids, -2), book.values, [0.0, 1.0, 1.0000001, 1e-45],
     ]).astype(np.float32)
     if lo == 0:
         x = np.abs(x)
     got = np.asarray(jax.jit(book.encode)(x))
-    # On an exact midpoint both neighbours are nearest; jaxq picks the lower one.
-    ref = np.searchsorted(book.mids, x, side="left")
-    np.testing.assert_array_equal(got, ref)
-    far = ~np.isin(x, book.mids)
-    np.testing.assert_array_equal(got[far], nearest(x[far].astype(np.float64), book.values)[...])
+    # On an exact float32 midpoint both neighbours are nearest; the even index wins.
+    below = np.searchsorted(mids, x, side="left")
+    tie = np.isin(x, mids)
+    np.testing.assert_array_equal(got[~tie], below[~tie])
+    np.testing.assert_array_equal(got[tie], below[tie] + below[tie] % 2)
+    np.testing.assert_array_equal(got[~tie], nearest(x[~tie].astype(np.float64), book.values))
+
+
+def _bnb_search(code: np.ndarray, x: np.float32) -> int:
+    """bitsandbytes' ``dQuantize`` (deterministic) ported to float32 NumPy, for 256 values.
+
+    A 7-step binary search from pivot 127, then one comparison with the float32 midpoint
+    to the neighbour on ``x``'s side; ``x`` on the midpoint stays at the (even) pivot.
+    """
+    f32 = np.float32
+    pivot, upper_pivot, lower_pivot = 127, 255, 0
+    lower, upper, val = f32(-1), f32(1), code[127]
+    step = 64
+    while step:
+        if x > val:
+            lower_pivot, lower, pivot = pivot, val, pivot + step
+        else:
+            upper_pivot, upper, pivot = pivot, val, pivot - step
+        val, step = code[pivot], step // 2
+    if upper_pivot == 255:
+        upper = code[255]
+    if lower_pivot == 0:
+        lower = code[0]
+    if x > val:
+        return upper_pivot if x > f32((upper + val) * f32(0.5)) else pivot
+    return lower_pivot if x < f32((lower + val) * f32(0.5)) else pivot
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_encode_matches_bitsandbytes_search_including_ties(signed):
+    code = optim.dynamic_map(signed)
+    mids = ((code[:-1] + code[1:]) / np.float32(2)).astype(np.float32)
+    rng = np.random.default_rng(3)
+    lo = -1.0 if signed else 0.0
+    x = np.concatenate([rng.uniform(lo, 1, 3000), rng.uniform(lo, 1, 1000) * 1e-4, mids,
+                        np.nextafter(mids, 2), np.nextafter(mids, -2), code]).astype(np.float32)
+    want = np.array([_bnb_search(code, v) for v in x])
+    book = maps.SIGNED8 if signed else maps.UNSIGNED8
+    np.testing.assert_array_equal(np.asarray(jax.jit(book.encode)(x)), want)
+    # through the public blockwise API too (absmax 1: x / absmax == x)
+    xs = np.concatenate([[np.float32(1.0)], x]).astype(np.float32)
+    codes, _ = optim.quantize_blockwise(jnp.asarray(xs), code, block_size=xs.size)
+    np.testing.assert_array_equal(np.asarray(codes)[1:], want)
 
 
 _encode8 = jax.jit(maps.SIGNED8.encode)
@@ -153,3 +197,15 @@ def test_quantize_blockwise_errors():
         optim.dequantize_blockwise(c, a[:1], code, (300,))
     with pytest.raises(ValueError, match="codes"):
         optim.dequantize_blockwise(c, a, code, (301,))
+
+
+def test_custom_map_with_close_values_uses_exact_comparisons():
+    """Values too close for the bucket search fall back to comparing every midpoint."""
+    half = np.float32(0.5)
+    code = np.unique(np.concatenate([np.linspace(-1, 1, 18, dtype=np.float32),
+                                     [half, np.nextafter(half, np.float32(1))]]))
+    x = np.random.default_rng(5).uniform(-1, 1, 1024).astype(np.float32)
+    x[:4] = [half, np.nextafter(half, np.float32(1)), -1.0, 1.0]
+    codes, amax = optim.quantize_blockwise(jnp.asarray(x), code, block_size=1024)
+    r = (x * (np.float32(1) / np.asarray(amax)[0])).astype(np.float64)
+    np.testing.assert_array_equal(np.asarray(codes), nearest(r, code))

@@ -221,3 +221,65 @@ def test_every_optimizer_composes_without_recompiling(name):
                    for x in jax.tree.leaves((p, s))), (name, kind)
         if kind == "masked":
             np.testing.assert_array_equal(u["scale"], _grads(params, 2)["scale"])
+
+
+@pytest.mark.parametrize("name", sorted(FACTORIES))
+def test_flax_nnx_optimizer_matches_the_optax_api(name):
+    """nnx.Optimizer stores quantized moments as State mappings; steps still match."""
+    from flax import nnx
+
+    def loss(m):
+        return jnp.mean(jnp.square(m(jnp.linspace(-1.0, 1.0, 128).reshape(2, 64))))
+
+    model = nnx.Linear(64, 128, rngs=nnx.Rngs(0))
+    twin = nnx.Linear(64, 128, rngs=nnx.Rngs(0))
+    opt = nnx.Optimizer(model, FACTORIES[name](min_quantized_size=1024), wrt=nnx.Param)
+    tx = FACTORIES[name](min_quantized_size=1024)
+    params = nnx.state(twin, nnx.Param)
+    state = tx.init(params)
+    for _ in range(3):
+        opt.update(model, nnx.grad(loss)(model))
+        u, state = tx.update(nnx.state(nnx.grad(loss)(twin), nnx.Param), state, params)
+        params = optax.apply_updates(params, u)
+        nnx.update(twin, params)
+    np.testing.assert_array_equal(np.asarray(model.kernel[...]), np.asarray(twin.kernel[...]))
+
+
+@pytest.mark.parametrize("name", sorted(FACTORIES))
+def test_python_scalars_empty_tensors_and_mixed_precision(name):
+    tx = FACTORIES[name]()
+    u, _ = tx.update({"a": 1.0}, tx.init({"a": 1.0}), {"a": 1.0})
+    assert np.isfinite(float(u["a"]))
+    tx0 = FACTORIES[name](min_quantized_size=0)
+    for shape in [(0, 5000), (5000, 0)]:
+        p = {"p": jnp.zeros(shape)}
+        assert tx0.update(p, tx0.init(p), p)[0]["p"].shape == shape
+    # float32 parameters with bfloat16 gradients: the update keeps float32 precision
+    p = {"w": jnp.ones((64, 128))}
+    g = {"w": jnp.full((64, 128), 0.3, jnp.bfloat16)}
+    assert tx.update(g, tx.init(p), p)[0]["w"].dtype == jnp.float32
+
+
+def test_rank1_only_where_its_maxima_are_cheap():
+    tx = optim.adamw_4bit(1e-3)
+    for shape, rank1 in [((1, 8192), False), ((8192, 1), False), ((4096, 2), False),
+                         ((16, 4096), False), ((48, 300), True), ((512, 512), True),
+                         ((24, 16, 64), True)]:
+        state = tx.init(jnp.zeros(shape))
+        assert isinstance(state[0].nu, optim.Rank1Moment) == rank1, shape
+        assert optim.state_nbytes(state) / np.prod(shape) < 1.21, shape
+
+
+def test_argument_errors_name_the_argument():
+    with pytest.raises(TypeError, match="block_size"):
+        optim.adamw_8bit(1e-3, block_size=1.0)
+    with pytest.raises(TypeError, match="scale_dtype"):
+        optim.adamw_8bit(1e-3, scale_dtype="foo")
+    for m in (np.float32(1.5), jnp.float32(1.5), 0.0):
+        with pytest.raises(ValueError, match="momentum"):
+            optim.sgd_8bit(1e-2, m)
+    code = optim.dynamic_map(True)
+    with pytest.raises(ValueError, match="ascending"):
+        optim.quantize_blockwise(jnp.ones(8), code[::-1])
+    with pytest.raises(TypeError, match="shape"):
+        optim.dequantize_blockwise(jnp.zeros(8, jnp.uint8), jnp.ones(1), code, "x")

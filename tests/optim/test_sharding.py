@@ -145,3 +145,14 @@ def test_explicit_sharding_that_splits_blocks_is_a_clear_error():
         u, _ = jax.jit(optim.adamw_8bit(1e-3, block_size=128).update)(
             p, optim.adamw_8bit(1e-3, block_size=128).init(p), p)
     assert u.shape == (64, 1024)
+
+
+def test_explicit_mesh_with_unsharded_odd_rows():
+    """A replicated parameter whose rows are not whole blocks is fine under an explicit mesh."""
+    mesh = _mesh()
+    tx = optim.adamw_8bit(1e-3)
+    with jax.set_mesh(mesh):
+        for shape in [(4097,), (3, 4099)]:
+            p = jax.device_put(jnp.ones(shape), NamedSharding(mesh, P()))
+            u, _ = jax.jit(tx.update)(p * 0.01, jax.jit(tx.init)(p), p)
+            assert u.shape == shape and bool(jnp.all(jnp.isfinite(u)))
