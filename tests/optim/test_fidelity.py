@@ -14,7 +14,9 @@ decay to zero, and (iii) the model's main matrices really carry quantized state 
 weight matrix has >= 4096 elements, the default ``min_quantized_size``; checked below).
 
 The short run is part of the fast suite; the longer run on a larger model is marked
-``fidelity`` (``make fidelity``).
+``fidelity`` (``make fidelity``). Its float32 loss moves by 1.2% between seeds 0 and 1
+(2.1133 vs 2.1395), and flipping a handful of codes moves one 8-bit run by about 1%, so
+it compares the mean validation loss over seeds 0 and 1.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ class Setup:
     weight_decay: float = 0.1
     max_bytes: int = 1_000_000
     eval_windows: int = 256
-    seed: int = 0
+    seeds: tuple[int, ...] = (0,)
 
     def schedule(self):
         return optax.warmup_cosine_decay_schedule(0.0, self.lr, self.steps // 10, self.steps, 0.0)
@@ -49,7 +51,7 @@ class Setup:
 SHORT = Setup(GPTConfig(d_model=64, n_heads=4, n_layers=2, seq_len=64), steps=600, batch_size=16)
 FULL = Setup(
     GPTConfig(d_model=128, n_heads=4, n_layers=2, seq_len=128),
-    steps=1000, batch_size=16, max_bytes=4_000_000, eval_windows=512,
+    steps=1000, batch_size=16, max_bytes=4_000_000, eval_windows=512, seeds=(0, 1),
 )
 OPTIMIZERS = {
     "float32": optax.adamw,
@@ -70,10 +72,10 @@ def unigram_entropy(max_bytes: int) -> float:
 
 
 @functools.cache
-def run(setup: Setup, name: str):
+def run(setup: Setup, name: str, seed: int = 0):
     opt = OPTIMIZERS[name](setup.schedule(), weight_decay=setup.weight_decay)
     return train(
-        setup.config, opt, steps=setup.steps, seed=setup.seed, batch_size=setup.batch_size,
+        setup.config, opt, steps=setup.steps, seed=seed, batch_size=setup.batch_size,
         max_bytes=setup.max_bytes, eval_windows=setup.eval_windows,
     )
 
@@ -97,27 +99,37 @@ def check_main_matrices_quantized(params, state, bits: int) -> None:
 
 
 def compare(setup: Setup, name: str) -> tuple[float, float]:
-    base, quant = run(setup, "float32"), run(setup, name)
-    rel = quant.val_loss / base.val_loss - 1.0
-    b_bytes, q_bytes = optim.state_nbytes(base.opt_state), optim.state_nbytes(quant.opt_state)
+    """Relative excess of the mean validation loss over ``setup.seeds``, and the bytes ratio."""
+    base = [run(setup, "float32", s) for s in setup.seeds]
+    quant = [run(setup, name, s) for s in setup.seeds]
+    b_loss = float(np.mean([r.val_loss for r in base]))
+    q_loss = float(np.mean([r.val_loss for r in quant]))
+    rel = q_loss / b_loss - 1.0
+    b_bytes = optim.state_nbytes(base[0].opt_state)
+    q_bytes = optim.state_nbytes(quant[0].opt_state)
+    per_seed = ", ".join(
+        f"seed {s}: {q.val_loss:.4f} vs {b.val_loss:.4f}"
+        for s, q, b in zip(setup.seeds, quant, base, strict=True)
+    )
     print(
-        f"\n{name}: val {quant.val_loss:.4f} vs float32 {base.val_loss:.4f} ({rel:+.2%}); "
+        f"\n{name}: mean val {q_loss:.4f} vs float32 {b_loss:.4f} ({rel:+.2%}; {per_seed}); "
         f"state {q_bytes:,} B vs {b_bytes:,} B"
     )
     return rel, q_bytes / b_bytes
 
 
 def _check(setup: Setup, name: str) -> None:
-    base = run(setup, "float32")
     h1 = unigram_entropy(setup.max_bytes)
-    assert np.all(np.isfinite(base.losses))
-    # The run must have learned far more than byte frequencies: comparisons near the
-    # unigram plateau would say nothing about the optimizer.
-    assert base.val_loss < h1 - 0.7, (base.val_loss, h1)
-    quant = run(setup, name)
-    assert np.all(np.isfinite(quant.losses))
     bits = 4 if name == "4bit" else 8
-    check_main_matrices_quantized(quant.params, quant.opt_state, bits)
+    for seed in setup.seeds:
+        base = run(setup, "float32", seed)
+        assert np.all(np.isfinite(base.losses))
+        # The run must have learned far more than byte frequencies: comparisons near the
+        # unigram plateau would say nothing about the optimizer.
+        assert base.val_loss < h1 - 0.7, (base.val_loss, h1)
+        quant = run(setup, name, seed)
+        assert np.all(np.isfinite(quant.losses))
+        check_main_matrices_quantized(quant.params, quant.opt_state, bits)
     rel, byte_ratio = compare(setup, name)
     assert byte_ratio < (0.3 if bits == 4 else 0.75)
     # One-sided: a quantized run may end lower than float32 (seen for 4-bit, whose
