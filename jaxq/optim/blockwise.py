@@ -173,7 +173,7 @@ def dequantize_blockwise(codes, absmax, code, shape, *, block_size: int = 256):
     book = _codebook(code)
     block_size = _check_block(block_size)
     try:
-        shape = tuple(int(s) for s in np.atleast_1d(shape)) if np.ndim(shape) else (int(shape),)
+        shape = tuple(int(s) for s in ((shape,) if np.ndim(shape) == 0 else shape))
     except (TypeError, ValueError) as e:
         raise TypeError(f"shape: expected a tuple of ints, got {shape!r}") from e
     n = int(np.prod(shape, dtype=np.int64))

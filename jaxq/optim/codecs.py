@@ -264,13 +264,14 @@ class Rank1Codec(_Blocked):
         parameter, are left to the blockwise codec.
         """
         shape = tuple(int(d) for d in shape)
-        if len(shape) == 2:
-            r, c = shape
-        elif len(shape) > 2 and bw.row_shape(shape, self.block_size)[0]:
+        if len(shape) > 2:
             lead, c = bw.row_shape(shape, self.block_size)
-            r = lead[-1]
-        else:
+            if not lead:
+                return False
+            shape = (lead[-1], c)
+        if len(shape) != 2:
             return False
+        r, c = shape
         return r > 0 and c > 0 and 16 * (r + c) <= r * c
 
     def init(self, shape) -> Rank1Moment:

@@ -71,14 +71,10 @@ def static_int(value, name: str, *, minimum: int) -> int:
             f"{name}: expected a static int, got a traced value; with "
             f"optax.inject_hyperparams pass static_args=('{name}',)"
         )
-    if not np.issubdtype(np.asarray(value).dtype, np.integer) or isinstance(value, bool):
+    arr = np.asarray(value)
+    if isinstance(value, bool) or arr.ndim or not np.issubdtype(arr.dtype, np.integer):
         raise TypeError(f"{name}: expected an int, got {value!r}")
-    try:
-        out = int(np.asarray(value).item())
-    except (TypeError, ValueError) as e:
-        raise TypeError(f"{name}: expected an int, got {value!r}") from e
-    if out != np.asarray(value).item() or isinstance(value, bool):
-        raise TypeError(f"{name}: expected an int, got {value!r}")
+    out = int(arr)
     if out < minimum:
         raise ValueError(f"{name}: expected an int >= {minimum}, got {out}")
     return out

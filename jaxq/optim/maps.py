@@ -250,15 +250,17 @@ class CodeBook:
     ``encode(x)`` returns, for each element, the index of the nearest map value; an ``x``
     exactly at a float32 midpoint ``(values[j] + values[j + 1]) / 2`` goes to the *even*
     index of the two, as in bitsandbytes' binary search (whose last probe is always an even
-    index). It is ``#{j : cuts[j] < x}`` with ``cuts[j]`` that midpoint for even ``j`` and
-    the float32 just below it for odd ``j``. Maps with more than 16 values search with one
-    lookup of a table over the high bits of ``x``'s float32 bit pattern, whose entry also
-    settles the one midpoint comparison left in the bucket (``_search_table``); evenly spaced
-    maps ``values[j] = (j + j0) * d`` (``d`` a power of two, e.g. :func:`linear_map_4bit`)
-    use the closed form ``clip(ceil((x * 2 / d - (2 * j0 + 1)) / 2), 0, n - 1)``, exact in
-    float32 for ``|x| * 2 / d < 2**22`` (every step is exact there; an odd integer result
-    of the ceiling's argument is a tie, moved up to the even index), which reads ``x`` once;
-    other small maps compare against every cut.
+    index). It is ``#{j : cuts[j] < x}`` with ``cuts[j]`` that midpoint where ``x`` on it
+    belongs to ``j`` (even ``j``, or a midpoint that rounded onto ``values[j]``) and the
+    float32 just below it where it belongs to ``j + 1``. Maps with more than 16 values
+    search with one lookup of a table over the high bits of ``x``'s float32 bit pattern,
+    whose entry also settles the one comparison left in the bucket (``_search_table``);
+    evenly spaced maps ``values[j] = (j + j0) * d`` (``d`` a power of two, e.g.
+    :func:`linear_map_4bit`) use the closed form
+    ``clip(ceil((x * 2 / d - (2 * j0 + 1)) / 2), 0, n - 1)``, exact in float32 for
+    ``|x| * 2 / d < 2**22`` (every step is exact there; an odd integer result of the
+    ceiling's argument is a tie, moved up to the even index), which reads ``x`` once; other
+    small maps compare against every cut.
 
     Attributes:
         name: a label.

@@ -28,23 +28,31 @@ def _mesh():
     return jax.make_mesh((8,), ("d",))
 
 
+def _step_both(tx, sharding, shape, key, *, steps):
+    """Steps unsharded and sharded copies alike; asserts equal updates (1e-6) each step.
+
+    Returns the sharded parameters, the sharded state and the jitted update.
+    """
+    p = jax.random.normal(key, shape)
+    ps = jax.device_put(p, sharding)
+    s, ss = tx.init(p), tx.init(ps)
+    step = jax.jit(tx.update)
+    for i in range(steps):
+        g = jax.random.normal(jax.random.fold_in(key, i), shape) * 0.01
+        u, s = step(g, s, p)
+        us, ss = step(jax.device_put(g, sharding), ss, ps)
+        np.testing.assert_allclose(np.asarray(us), np.asarray(u), atol=1e-6, rtol=0)
+        p, ps = p + u, ps + us
+    return ps, ss, step
+
+
 @pytest.mark.parametrize("spec", [P("d", None), P(None, "d")], ids=["first", "last"])
 @pytest.mark.parametrize("name", sorted(FACTORIES))
 def test_sharded_update_matches_and_stays_sharded(name, spec):
     mesh = _mesh()
     tx = FACTORIES[name]()
     sh = NamedSharding(mesh, spec)
-    key = jax.random.key(0)
-    p = jax.random.normal(key, SHAPE)
-    ps = jax.device_put(p, sh)
-    s, ss = tx.init(p), tx.init(ps)
-    step = jax.jit(tx.update)
-    for i in range(3):
-        g = jax.random.normal(jax.random.fold_in(key, i), SHAPE) * 0.01
-        u, s = step(g, s, p)
-        us, ss = step(jax.device_put(g, sh), ss, ps)
-        np.testing.assert_allclose(np.asarray(us), np.asarray(u), atol=1e-6, rtol=0)
-        p, ps = p + u, ps + us
+    ps, ss, _ = _step_both(tx, sh, SHAPE, jax.random.key(0), steps=3)
     inner = ss[0]
     for moment in [inner.mu] + ([inner.nu] if hasattr(inner, "nu") else []):
         if isinstance(moment, optim.Rank1Moment):  # row/col maxima follow their axes
@@ -96,19 +104,9 @@ def test_merged_row_layout_shards_along_first_axis(name):
     shape = (64, 16, 64)
     tx = FACTORIES[name]()
     sh = NamedSharding(mesh, P("d", None, None))
-    key = jax.random.key(1)
-    p = jax.random.normal(key, shape)
-    ps = jax.device_put(p, sh)
-    s, ss = tx.init(p), tx.init(ps)
     width = 512 if name == "adamw_4bit" else 1024  # rows of 16 x 64, no padding
-    assert ss[0].mu.codes.shape == (64, width)
-    step = jax.jit(tx.update)
-    for i in range(2):
-        g = jax.random.normal(jax.random.fold_in(key, i), shape) * 0.01
-        u, s = step(g, s, p)
-        us, ss = step(jax.device_put(g, sh), ss, ps)
-        np.testing.assert_allclose(np.asarray(us), np.asarray(u), atol=1e-6, rtol=0)
-        p, ps = p + u, ps + us
+    assert tx.init(jax.device_put(jnp.zeros(shape), sh))[0].mu.codes.shape == (64, width)
+    ps, ss, step = _step_both(tx, sh, shape, jax.random.key(1), steps=2)
     for arr in ss[0].mu:
         assert arr.sharding.is_equivalent_to(NamedSharding(mesh, P("d", None)), arr.ndim)
     hlo = step.lower(ps, ss, ps).compile().as_text()
