@@ -115,8 +115,9 @@ def _codecs_4bit(block_size, scale_dtype):
 
 def _codecs_fp8(block_size, scale_dtype):
     bs = static_int(256 if block_size is None else block_size, "block_size", minimum=1)
-    c = cd.FP8Codec(bs, scale_dtype_of(scale_dtype, jnp.bfloat16))
-    return lambda shape: (c, c)
+    sd = scale_dtype_of(scale_dtype, jnp.bfloat16)
+    m, v = cd.FP8Codec(bs, sd), cd.FP8Codec(bs, sd, keep_nonzero=True)
+    return lambda shape: (m, v)
 
 
 _COMMON_ARGS = """
@@ -204,7 +205,11 @@ def scale_by_adam_fp8(
     """Adam's scaling with both moments stored as blockwise E4M3.
 
     Blocks of 256 along the last axis (rows), ``scale = absmax / 448`` per block, values
-    ``E4M3(x / scale)`` rounded to nearest even (float8_e4m3fn storage).
+    ``E4M3(x / scale)`` rounded to nearest even (float8_e4m3fn storage), except that a
+    positive second moment that would round to 0 is stored as the smallest subnormal
+    ``2**-9 * scale`` (see :class:`jaxq.optim.codecs.FP8Codec`): with E4M3's 18 binades
+    per block, a flushed ``v`` beside a nonzero ``m`` would make the next update about 30
+    times too large.
     {args}
     Returns:
         An ``optax.GradientTransformation`` with :class:`QuantizedAdamState`.

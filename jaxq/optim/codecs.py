@@ -178,10 +178,21 @@ class BlockCodec(_RowLayout):
 
 @dataclasses.dataclass(frozen=True)
 class FP8Codec(_RowLayout):
-    """Blockwise E4M3: ``scale = absmax / 448`` per block, codes = ``E4M3(x / scale)`` (RNE)."""
+    """Blockwise E4M3: ``scale = absmax / 448`` per block, codes = ``E4M3(x / scale)`` (RNE).
+
+    E4M3 spans about 18 binades below its maximum (``448`` down to the smallest subnormal
+    ``2**-9``), so a block of second moments can hold elements that round to 0 while their
+    first moment does not; Adam's next step then divides that ``m`` by
+    ``sqrt((1 - b2) g**2)``, about 30 times too small a denominator. With
+    ``keep_nonzero=True`` (used for ``v``) a positive ``x`` that would round to 0 is stored
+    as the smallest subnormal ``2**-9 * scale`` instead: the zero-point problem of
+    second-moment quantization (Li et al. 2023), solved by rounding up, which only damps
+    the update of such an element.
+    """
 
     block_size: int = 256
     scale_dtype: Any = jnp.float32
+    keep_nonzero: bool = False
 
     def init(self, shape) -> QuantizedMoment:
         lead, n = bw.row_shape(shape, self.block_size)
@@ -218,7 +229,12 @@ class FP8Codec(_RowLayout):
     def encode(self, x: jax.Array, stats=None) -> QuantizedMoment:
         (scale,) = (self._scale(x),) if stats is None else stats
         xb = bw.to_blocks(x, self.block_size)
-        codes = _e4m3(bw.normalize(xb, scale.astype(jnp.float32)))
+        xn = bw.normalize(xb, scale.astype(jnp.float32))
+        codes = _e4m3(xn)
+        if self.keep_nonzero:
+            tiny = jnp.asarray(np.float32(2.0**-9), formats.E4M3.dtype)
+            flushed = (xn > 0) & (codes.astype(jnp.float32) == 0)
+            codes = jnp.where(flushed, tiny, codes)
         return QuantizedMoment(codes.reshape(*codes.shape[:-2], -1), scale)
 
 
