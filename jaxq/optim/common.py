@@ -23,7 +23,8 @@ def state_nbytes(state: Any) -> int:
     """Real bytes of every array leaf of a pytree (``size * itemsize``), e.g. optimizer state.
 
     Works on concrete arrays and on ``jax.ShapeDtypeStruct`` leaves (as returned by
-    ``jax.eval_shape(opt.init, params)``). Non-array leaves count 0.
+    ``jax.eval_shape(opt.init, params)``). Typed PRNG keys count their key data
+    (8 bytes for a threefry key). Non-array leaves count 0.
 
     Args:
         state: any pytree.
@@ -42,6 +43,9 @@ def state_nbytes(state: Any) -> int:
         dtype = getattr(leaf, "dtype", None)
         if shape is None or dtype is None:
             continue
+        if jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
+            data = jax.eval_shape(jax.random.key_data, jax.ShapeDtypeStruct(shape, dtype))
+            shape, dtype = data.shape, data.dtype
         total += int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
     return total
 

@@ -163,6 +163,15 @@ def test_bytes_per_parameter():
     assert st[0].nu["w"].codes.shape == (1024, 512)
 
 
+def test_state_nbytes_counts_typed_keys_and_shape_structs():
+    keys = jax.random.split(jax.random.key(0), 3)  # threefry: 2 x uint32 each
+    tree = {"k": keys, "raw": jax.random.PRNGKey(1), "x": jnp.zeros((5,), jnp.bfloat16),
+            "step": 7, "none": None}
+    assert optim.state_nbytes(tree) == 3 * 8 + 8 + 10
+    # eval_shape turns the Python int into an int32 array: 4 more bytes.
+    assert optim.state_nbytes(jax.eval_shape(lambda: tree)) == 3 * 8 + 8 + 10 + 4
+
+
 @pytest.mark.parametrize("shape", [(1024, 16, 64), (4096, 64), (1024, 300), (1000, 300)])
 def test_short_last_axes_cost_no_padding(shape):
     """Short last axes are merged into longer rows instead of padded to a block per row."""
