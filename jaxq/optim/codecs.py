@@ -67,11 +67,18 @@ class Rank1Moment(NamedTuple):
     col_max: jax.Array
 
 
-def _e4m3(x: jax.Array) -> jax.Array:
-    """Round-to-nearest-even, saturating cast to E4M3 (stored as float8_e4m3fn)."""
+def _e4m3(x: jax.Array, *, keep_nonzero: bool = False) -> jax.Array:
+    """Round-to-nearest-even, saturating cast to E4M3 (stored as float8_e4m3fn).
+
+    With ``keep_nonzero``, a positive ``x`` that rounds to +0 gets the smallest subnormal
+    (bit pattern 1) instead.
+    """
     fmt = formats.E4M3
     x = jnp.clip(x.astype(jnp.float32), -fmt.max, fmt.max)
-    return jax.lax.bitcast_convert_type(e4m3_bits(x), fmt.dtype)
+    bits = e4m3_bits(x)
+    if keep_nonzero:
+        bits = jnp.where((bits == 0) & (x > 0), np.uint8(1), bits)
+    return jax.lax.bitcast_convert_type(bits, fmt.dtype)
 
 
 class _Blocked:
@@ -229,12 +236,7 @@ class FP8Codec(_RowLayout):
     def encode(self, x: jax.Array, stats=None) -> QuantizedMoment:
         (scale,) = (self._scale(x),) if stats is None else stats
         xb = bw.to_blocks(x, self.block_size)
-        xn = bw.normalize(xb, scale.astype(jnp.float32))
-        codes = _e4m3(xn)
-        if self.keep_nonzero:
-            tiny = jnp.asarray(np.float32(2.0**-9), formats.E4M3.dtype)
-            flushed = (xn > 0) & (codes.astype(jnp.float32) == 0)
-            codes = jnp.where(flushed, tiny, codes)
+        codes = _e4m3(bw.normalize(xb, scale.astype(jnp.float32)), keep_nonzero=self.keep_nonzero)
         return QuantizedMoment(codes.reshape(*codes.shape[:-2], -1), scale)
 
 
