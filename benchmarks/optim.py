@@ -95,8 +95,7 @@ def shape_nbytes(config: GPTConfig) -> tuple[int, int, dict[str, int]]:
     n_small = sum(x.size for x in leaves if x.size < MIN_QUANTIZED_SIZE)
     out = {}
     for name, opt in jax_optimizers().items():
-        state = jax.eval_shape(opt.init, shapes)
-        out[name] = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state))
+        out[name] = optim.state_nbytes(jax.eval_shape(opt.init, shapes))
     return n, n_small, out
 
 

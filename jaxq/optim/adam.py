@@ -208,8 +208,8 @@ def scale_by_adam_fp8(
     ``E4M3(x / scale)`` rounded to nearest even (float8_e4m3fn storage), except that a
     positive second moment that would round to 0 is stored as the smallest subnormal
     ``2**-9 * scale`` (see :class:`jaxq.optim.codecs.FP8Codec`): with E4M3's 18 binades
-    per block, a flushed ``v`` beside a nonzero ``m`` would make the next update about 30
-    times too large.
+    per block, a flushed ``v`` beside a nonzero ``m`` would make the next update up to
+    ``1 / sqrt(1 - b2)`` times too large.
     {args}
     Returns:
         An ``optax.GradientTransformation`` with :class:`QuantizedAdamState`.

@@ -190,11 +190,11 @@ class FP8Codec(_RowLayout):
     E4M3 spans about 18 binades below its maximum (``448`` down to the smallest subnormal
     ``2**-9``), so a block of second moments can hold elements that round to 0 while their
     first moment does not; Adam's next step then divides that ``m`` by
-    ``sqrt((1 - b2) g**2)``, about 30 times too small a denominator. With
-    ``keep_nonzero=True`` (used for ``v``) a positive ``x`` that would round to 0 is stored
-    as the smallest subnormal ``2**-9 * scale`` instead: the zero-point problem of
-    second-moment quantization (Li et al. 2023), solved by rounding up, which only damps
-    the update of such an element.
+    ``sqrt((1 - b2) g**2)``, up to ``1 / sqrt(1 - b2)`` (32 for ``b2 = 0.999``) times too
+    small a denominator. With ``keep_nonzero=True`` (used for ``v``) a positive ``x`` that
+    would round to 0 is stored as the smallest subnormal ``2**-9 * scale`` instead: the
+    zero-point problem of second-moment quantization (Li et al. 2023), solved by rounding
+    up, which only damps the update of such an element.
     """
 
     block_size: int = 256
