@@ -36,10 +36,14 @@ from jaxq.scaled import ScaledArray, as_scaled_array, asarray, scalify
 
 __version__ = "0.1.0"
 
-_LAZY = ("analysis", "data", "kernels", "models", "optim", "unit_scaling")
+_LAZY = ("analysis", "data", "kernels", "models", "ops", "optim", "recipes", "unit_scaling")
 
 
 def __getattr__(name):
+    if name == "hadamard":
+        from jaxq.ops.hadamard import hadamard
+
+        return hadamard
     if name in _LAZY:
         return importlib.import_module(f"jaxq.{name}")
     raise AttributeError(f"module 'jaxq' has no attribute {name!r}")
@@ -49,6 +53,6 @@ __all__ = [
     "formats", "__version__",
     "cast", "quantize", "dequantize", "QArray", "Layout",
     "Absmax", "Percentile", "MSE", "AmaxHistory", "fake_quant", "lsq_quant",
-    "ScaledArray", "scalify", "as_scaled_array", "asarray", "scaled_rules",
+    "ScaledArray", "scalify", "as_scaled_array", "asarray", "scaled_rules", "hadamard",
     *_LAZY,
 ]  # fmt: skip

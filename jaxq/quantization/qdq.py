@@ -178,9 +178,9 @@ def _mx_codes(xg, red, fmt: F.BlockFormat, calibration, amax, rounding, key):
     return codes, jax.lax.bitcast_convert_type(bits, fmt.scale_format.dtype)
 
 
-def _nvfp4_codes(xg, red, fmt: F.BlockFormat, calibration, amax, rounding, key):
+def _nvfp4_codes(xg, red, fmt: F.BlockFormat, calibration, amax, rounding, key, block_amax=None):
     elem = fmt.element
-    block_absmax = group_amax(xg, red, Absmax())
+    block_absmax = group_amax(xg, red, Absmax()) if block_amax is None else block_amax
     if amax is None:
         t_amax = jnp.max(block_absmax)
     else:
@@ -196,7 +196,7 @@ def _nvfp4_codes(xg, red, fmt: F.BlockFormat, calibration, amax, rounding, key):
         err = decode(encode(y, elem), elem) * block_scale(a).astype(jnp.float32) * s_t - xg
         return jnp.sum(jnp.where(jnp.isfinite(err), err * err, 0.0), axis=red, keepdims=True)
 
-    if isinstance(calibration, Absmax):
+    if isinstance(calibration, Absmax) or block_amax is not None:
         b_amax = block_absmax
     else:
         b_amax = group_amax(xg, red, calibration, qdq_error)
@@ -246,8 +246,10 @@ def quantize(
         rounding: ``"nearest"`` or ``"stochastic"`` (needs ``key``).
         key: PRNG key for stochastic rounding.
         amax: precomputed clipping range (e.g. from :class:`AmaxHistory` for delayed
-            scaling), broadcastable to the scale shape; replaces ``calibration``. For NVFP4 it
-            is the tensor amax.
+            scaling), broadcastable to the scale shape; replaces ``calibration``. For NVFP4 a
+            scalar is the tensor amax, and an array of the scale shape gives each block's
+            amax (the tensor amax is then their maximum), e.g. to share one scale over a
+            2-D tile.
 
     Returns:
         A :class:`QArray`; see its invariants. Non-finite inputs: see the module docstring.
@@ -281,12 +283,17 @@ def _quantize(x, fmt, axis, block_size, calibration, rounding, key, amax) -> QAr
     red = layout.reduce_axes(shape)
     zp = ts = None
     nvfp4 = isinstance(fmt, F.BlockFormat) and fmt.tensor_scale
-    if amax is not None and not nvfp4:
+    block_amax = None
+    if amax is not None and (not nvfp4 or jnp.ndim(amax) > 0):
         amax = _broadcast_amax(amax, layout, shape)
+        if nvfp4:  # per-block amaxes; the tensor amax is their maximum
+            block_amax, amax = amax, jnp.max(amax)
     if isinstance(fmt, F.BlockFormat) and fmt.is_mx:
         codes, scale = _mx_codes(xg, red, fmt, calibration, amax, rounding, key)
     elif nvfp4:
-        codes, scale, ts = _nvfp4_codes(xg, red, fmt, calibration, amax, rounding, key)
+        codes, scale, ts = _nvfp4_codes(
+            xg, red, fmt, calibration, amax, rounding, key, block_amax
+        )
     elif isinstance(fmt, F.IntFormat) and not fmt.signed:
         if amax is not None:
             raise ValueError(f"amax= is not supported for asymmetric format {fmt.name}")

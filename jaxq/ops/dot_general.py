@@ -1,0 +1,369 @@
+"""``jaxq.ops.dot_general``: ``jax.lax.dot_general`` with quantized operands and its own VJP.
+
+With a :class:`~jaxq.ops.Recipe` whose quantizers are ``Q_l``, ``Q_r``, ``Q_g``:
+
+.. math::
+
+    y = Q_l(x) \\cdot Q_r(w), \\qquad
+    \\frac{\\partial L}{\\partial x} = Q_g(g) \\cdot Q_r(w)^\\top, \\qquad
+    \\frac{\\partial L}{\\partial w} = Q_l(x)^\\top \\cdot Q_g(g)
+
+each product accumulated in float32 (see :mod:`jaxq.ops.operand` for how it is computed).
+A ``None`` quantizer leaves its operand as it is; ``Q_g = None`` is the straight-through
+backward of quantization-aware training. The backward pass saves the quantized operands
+(codes and scales), never float copies: a second orientation where the weight-gradient
+product contracts along another axis than the forward (row or ``1 × b`` block scales),
+one copy otherwise. Operands without a quantizer are saved as they are.
+
+With ``hadamard_wgrad``, both weight-gradient operands are rotated by one random 16-point
+block Hadamard transform along the token axis before they are quantized; the rotation
+cancels in the exact product. The token axis is zero-padded to a multiple of 16 first.
+
+Recipe state (:class:`~jaxq.ops.OpState`) enters as an argument; its "gradient" returns
+the amaxes observed in this call (see :func:`jaxq.recipes.update`). Learned step sizes
+(``recipe.learned_step``) enter as ``steps`` and are differentiated like parameters.
+
+Shapes that an FP8 GEMM would not take (dimensions not multiples of 16) are computed from
+the same FP8 codes in float32: the values are the same, only the kernel differs. A block
+size that does not divide its axis is an error.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxq.ops import operand as O
+from jaxq.ops.dims import Canonical, canonicalize
+from jaxq.ops.hadamard import hadamard
+from jaxq.ops.spec import OpState, Recipe
+from jaxq.quantization.fake_quant import lsq_quant
+
+__all__ = ["dot_general", "residual_nbytes", "check_state"]
+
+_HADAMARD_BLOCK = 16
+_KEY_NAMES = ("lhs", "rhs", "rhs_t", "lhs_t", "grad", "grad_t", "hadamard")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Config:
+    recipe: Recipe
+    canon: Canonical
+    lhs_dtype: Any
+    rhs_dtype: Any
+    op: str
+
+
+def _keys(state: OpState | None, recipe: Recipe) -> dict[str, jax.Array | None]:
+    if not recipe.needs_key:
+        return dict.fromkeys(_KEY_NAMES)
+    keys = jax.random.split(state.key(), len(_KEY_NAMES))
+    return {name: keys[i] for i, name in enumerate(_KEY_NAMES)}
+
+
+def _history_amax(state: OpState | None, recipe: Recipe, role: str) -> jax.Array | None:
+    if role not in recipe.delayed_roles:
+        return None
+    hist = state.history(role)
+    return hist[0] if recipe.amax_compute == "most_recent" else jnp.max(hist)
+
+
+def _block(q) -> int:
+    return q.block_size if q is not None and q.granularity == "block" else 1
+
+
+def _multiple_m(cfg: _Config) -> int:
+    """What the token axis (the weight gradient's contraction) is zero-padded to a multiple of."""
+    r = cfg.recipe
+    return math.lcm(_block(r.lhs), _block(r.grad), _HADAMARD_BLOCK if r.hadamard_wgrad else 1)
+
+
+def _multiple_n(cfg: _Config) -> int:
+    """What the output axis (the input gradient's contraction) is zero-padded to a multiple of."""
+    return math.lcm(_block(cfg.recipe.rhs), _block(cfg.recipe.grad))
+
+
+def _pad(x: jax.Array, multiple: int) -> jax.Array:
+    """Zero-pads the last (contraction) axis to a multiple: zeros add nothing to a product."""
+    extra = -x.shape[-1] % multiple
+    return x if not extra else jnp.pad(x, ((0, 0), (0, 0), (0, extra)))
+
+
+def _align(a: O.Operand, b: O.Operand) -> tuple[O.Operand, O.Operand]:
+    """Pads the shorter contraction axis of two canonical operands to the longer one."""
+    n = max(a.shape[-1], b.shape[-1])
+
+    def fit(x):
+        if x.shape[-1] == n:
+            return x
+        return jnp.pad(O.to_float(x), ((0, 0), (0, 0), (0, n - x.shape[-1])))
+
+    return fit(a), fit(b)
+
+
+def _forward(lhs, rhs, state, cfg: _Config):
+    r, c = cfg.recipe, cfg.canon
+    keys = _keys(state, r)
+    x3, w3 = c.lhs(lhs), c.rhs(rhs)
+    la, ra = _history_amax(state, r, "lhs"), _history_amax(state, r, "rhs")
+    xq = O.quantize_operand(x3, r.lhs, amax=la, key=keys["lhs"], where=f"{cfg.op} lhs")
+    wq = O.quantize_operand(w3, r.rhs, amax=ra, key=keys["rhs"], where=f"{cfg.op} rhs")
+    y3 = O.matmul(xq, wq)
+
+    # The input gradient contracts w along N: saved as (B, K, N) or transposed later.
+    if not _w_ready(cfg):
+        w_saved = w3 if r.rhs is None else wq
+    else:
+        wt = _pad(w3.transpose(0, 2, 1), _multiple_n(cfg))
+        where = f"{cfg.op} rhs (transposed)"
+        w_saved = O.quantize_operand(wt, r.rhs, key=keys["rhs_t"], where=where)
+    # The weight gradient contracts x along M (tokens): saved as (B, K, M) or transposed.
+    if not _x_ready(cfg):
+        x_saved = x3 if r.lhs is None else xq
+    else:
+        xt = _pad(x3.transpose(0, 2, 1), _multiple_m(cfg))
+        if r.hadamard_wgrad:
+            xt = hadamard(xt, -1, key=keys["hadamard"], block_size=_HADAMARD_BLOCK)
+        x_saved = O.quantize_operand(
+            xt, r.lhs, amax=la, key=keys["lhs_t"], where=f"{cfg.op} lhs (transposed)"
+        )
+    observed = {
+        "lhs": O.observe_amax(x3) if "lhs" in r.delayed_roles else None,
+        "rhs": O.observe_amax(w3) if "rhs" in r.delayed_roles else None,
+    }
+    res = (w_saved, x_saved, keys, _history_amax(state, r, "grad"), observed, state)
+    return c.out(y3), res
+
+
+def _w_ready(cfg: _Config) -> bool:
+    """Whether the weight is saved already in the input gradient's orientation."""
+    q = cfg.recipe.rhs
+    return q is not None and not q.orientation_free
+
+
+def _x_ready(cfg: _Config) -> bool:
+    """Whether the activations are saved already in the weight gradient's orientation."""
+    q = cfg.recipe.lhs
+    return cfg.recipe.hadamard_wgrad or (q is not None and not q.orientation_free)
+
+
+def _observation(state: OpState, role: str, amax) -> jax.Array | None:
+    hist = state.history(role)
+    if hist is None:
+        return None
+    if amax is None:
+        return jnp.zeros_like(hist)
+    return jnp.zeros_like(hist).at[0].set(amax)
+
+
+def _state_cotangent(state: OpState | None, observed: dict):
+    if state is None:
+        return None
+    return OpState(
+        lhs_history=_observation(state, "lhs", observed.get("lhs")),
+        rhs_history=_observation(state, "rhs", observed.get("rhs")),
+        grad_history=_observation(state, "grad", observed.get("grad")),
+        seed=None if state.seed is None else jnp.zeros_like(state.seed),
+    )
+
+
+def _backward(cfg: _Config, res, g):
+    r, c = cfg.recipe, cfg.canon
+    w_saved, x_saved, keys, g_amax, observed, state = res
+    g3 = c.out3(g)
+    gq = O.quantize_operand(_pad(g3, _multiple_n(cfg)), r.grad, amax=g_amax, key=keys["grad"],
+                            where=f"{cfg.op} grad")  # fmt: skip
+    w_op = w_saved if _w_ready(cfg) else O.transpose(w_saved)
+    dx3 = O.matmul(*_align(gq, w_op))
+
+    gt = g3.transpose(0, 2, 1)
+    if r.hadamard_wgrad or not (r.grad is None or r.grad.orientation_free):
+        gt = _pad(gt, _multiple_m(cfg))
+        if r.hadamard_wgrad:
+            gt = hadamard(gt, -1, key=keys["hadamard"], block_size=_HADAMARD_BLOCK)
+        gq_t = O.quantize_operand(gt, r.grad, amax=g_amax, key=keys["grad_t"],
+                                  where=f"{cfg.op} grad (transposed)")  # fmt: skip
+    else:
+        gq_t = gt if r.grad is None else O.transpose(gq)
+    x_op = x_saved if _x_ready(cfg) else O.transpose(x_saved)
+    dw3 = O.matmul(*_align(gq_t, x_op))
+
+    observed = dict(observed)
+    if "grad" in r.delayed_roles:
+        observed["grad"] = O.observe_amax(g3)
+    dlhs = c.lhs_back(dx3).astype(cfg.lhs_dtype)
+    drhs = c.rhs_back(dw3).astype(cfg.rhs_dtype)
+    return dlhs, drhs, _state_cotangent(state, observed)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _qdot(lhs, rhs, state, cfg):
+    return _forward(lhs, rhs, state, cfg)[0]
+
+
+def _qdot_fwd(lhs, rhs, state, cfg):
+    return _forward(lhs, rhs, state, cfg)
+
+
+_qdot.defvjp(_qdot_fwd, _backward)
+
+
+def _lsq_operand(x3, q, step):
+    if q is None:
+        return x3.astype(jnp.float32)
+    x3 = x3.astype(jnp.float32)
+    if q.granularity == "block":
+        b, r, k = x3.shape
+        bs = q.block_size
+        y = lsq_quant(x3.reshape(b, r, k // bs, bs), step, q.fmt)
+        return y.reshape(b, r, k)
+    return lsq_quant(x3, step, q.fmt)
+
+
+def _check_operands(op: str, lhs, rhs) -> None:
+    for name, x in (("lhs", lhs), ("rhs", rhs)):
+        dt = jnp.result_type(x)
+        if not jnp.issubdtype(dt, jnp.floating) or dt == jnp.float64:
+            raise TypeError(
+                f"{op}: {name} has dtype {dt} (lhs {jnp.shape(lhs)}, rhs {jnp.shape(rhs)}); "
+                "quantized matmuls take float32, bfloat16 or float16 operands"
+            )
+
+
+def check_state(recipe: Recipe, state, op: str = "dot_general") -> None:
+    """Raises ``ValueError`` (naming the path) if ``state`` is not what ``recipe.init`` makes."""
+    want = jax.eval_shape(lambda: recipe.init(jax.random.key(0) if recipe.needs_key else None))
+    if want is None:
+        if state is not None:
+            raise ValueError(f"{op}: recipe {recipe.name!r} is stateless, but a state was given")
+        return
+    if state is None:
+        raise ValueError(
+            f"{op}: recipe {recipe.name!r} needs its state (amax histories / PRNG key): "
+            "pass state=recipe.init(...)"
+        )
+    if not isinstance(state, OpState):
+        raise ValueError(f"{op}: state must be a jaxq.ops.OpState, got {type(state).__name__}")
+    for f in dataclasses.fields(OpState):
+        w, s = getattr(want, f.name), getattr(state, f.name)
+        if (w is None) != (s is None):
+            raise ValueError(
+                f"{op}: state.{f.name} is {'missing' if s is None else 'unexpected'} for "
+                f"recipe {recipe.name!r}"
+            )
+        if w is not None and (tuple(jnp.shape(s)) != w.shape or jnp.result_type(s) != w.dtype):
+            raise ValueError(
+                f"{op}: state.{f.name} has shape {tuple(jnp.shape(s))} and dtype "
+                f"{jnp.result_type(s)}, expected {w.shape} {w.dtype} for recipe {recipe.name!r}"
+            )
+
+
+def dot_general(
+    lhs: jax.Array,
+    rhs: jax.Array,
+    dimension_numbers,
+    precision=None,
+    preferred_element_type=None,
+    out_sharding=None,
+    *,
+    recipe: Recipe | None,
+    state: OpState | None = None,
+    steps: dict | None = None,
+) -> jax.Array:
+    """``jax.lax.dot_general`` whose three training products are quantized by ``recipe``.
+
+    ``functools.partial(jaxq.ops.dot_general, recipe=r)`` drops into any Flax layer's
+    ``dot_general`` slot.
+
+    Args:
+        lhs, rhs, dimension_numbers: as for :func:`jax.lax.dot_general`.
+        precision: accepted for signature compatibility; quantized products accumulate in
+            float32.
+        preferred_element_type: output dtype (default ``result_type(lhs, rhs)``).
+        out_sharding: a sharding constraint for the output.
+        recipe: a :class:`~jaxq.ops.Recipe`; ``None`` calls ``jax.lax.dot_general``.
+        state: the recipe's :class:`~jaxq.ops.OpState` (``recipe.init(key)``), if it has one.
+        steps: learned step sizes ``{"lhs": ..., "rhs": ...}`` for ``recipe.learned_step``
+            (see :func:`jaxq.recipes.init_steps`).
+
+    Returns:
+        The product, of the shape ``jax.lax.dot_general`` gives.
+
+    Raises:
+        TypeError: integer or float64 operands.
+        ValueError: mismatched shapes, a block size that does not divide its axis, or a
+            state that does not match the recipe; raised at trace time.
+
+    Example:
+        >>> import jax, jax.numpy as jnp, jaxq
+        >>> x = jax.random.normal(jax.random.key(0), (8, 64))
+        >>> w = jax.random.normal(jax.random.key(1), (64, 32))
+        >>> dn = (((1,), (0,)), ((), ()))
+        >>> y = jaxq.ops.dot_general(x, w, dn, recipe=jaxq.recipes.FP8Current())
+        >>> float(jnp.linalg.norm(y - x @ w) / jnp.linalg.norm(x @ w)) < 0.05
+        True
+    """
+    op = f"jaxq.ops.dot_general[{getattr(recipe, 'name', None)}]"
+    if recipe is None:
+        return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision, preferred_element_type)
+    if not isinstance(recipe, Recipe):
+        raise TypeError(f"{op}: recipe must be a jaxq.ops.Recipe or None, got {recipe!r}")
+    lhs, rhs = jnp.asarray(lhs), jnp.asarray(rhs)
+    _check_operands(op, lhs, rhs)
+    canon = canonicalize(lhs.shape, rhs.shape, dimension_numbers, op)
+    out_dtype = preferred_element_type or jnp.result_type(lhs, rhs)
+    if recipe.learned_step:
+        if not isinstance(steps, dict) or any(
+            steps.get(role) is None for role in ("lhs", "rhs") if getattr(recipe, role)
+        ):
+            raise ValueError(
+                f"{op}: recipe {recipe.name!r} learns step sizes: pass "
+                "steps=jaxq.recipes.init_steps(recipe, lhs, rhs, dimension_numbers)"
+            )
+        xv = _lsq_operand(canon.lhs(lhs), recipe.lhs, steps.get("lhs"))
+        wv = _lsq_operand(canon.rhs(rhs), recipe.rhs, steps.get("rhs"))
+        y3 = jax.lax.dot_general(
+            xv, wv, O._CANON, precision=jax.lax.Precision.HIGHEST,
+            preferred_element_type=jnp.float32,
+        )  # fmt: skip
+        out = canon.out(y3)
+    else:
+        check_state(recipe, state, op)
+        cfg = _Config(recipe, canon, lhs.dtype, rhs.dtype, op)
+        out = _qdot(lhs, rhs, state, cfg)
+    out = out.astype(out_dtype)
+    if out_sharding is not None:
+        out = jax.lax.with_sharding_constraint(out, out_sharding)
+    return out
+
+
+def residual_nbytes(recipe: Recipe, lhs, rhs, dimension_numbers) -> int:
+    """Bytes the backward pass keeps for one call (quantized operands and their scales).
+
+    ``lhs``/``rhs`` may be arrays or ``jax.ShapeDtypeStruct``.
+
+    Example:
+        >>> import jax, jax.numpy as jnp, jaxq
+        >>> x = jax.ShapeDtypeStruct((256, 512), jnp.float32)
+        >>> w = jax.ShapeDtypeStruct((512, 512), jnp.float32)
+        >>> dn = (((1,), (0,)), ((), ()))
+        >>> residual_nbytes(jaxq.recipes.FP8Current(), x, w, dn) / ((256 + 512) * 512 * 4)
+        0.25...
+    """
+    canon = canonicalize(lhs.shape, rhs.shape, dimension_numbers)
+    cfg = _Config(recipe, canon, lhs.dtype, rhs.dtype, "residual_nbytes")
+    key = jax.random.key(0) if recipe.needs_key else None
+
+    def f(lhs, rhs):
+        state = recipe.init(key)
+        w_saved, x_saved = _forward(lhs, rhs, state, cfg)[1][:2]
+        return w_saved, x_saved
+
+    saved = jax.eval_shape(f, lhs, rhs)
+    return int(sum(np.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(saved)))

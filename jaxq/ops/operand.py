@@ -1,0 +1,248 @@
+"""Quantizing one matmul operand in canonical form, and multiplying two of them.
+
+Every product is brought to the canonical batched form ``(B, M, K) × (B, N, K) →
+(B, M, N)`` (contraction on the last axis of both operands). An operand is quantized
+with :func:`jaxq.quantize` along that axis; the result is a :class:`jaxq.QArray`, or the
+operand itself where its :class:`~jaxq.ops.Quantizer` is ``None``.
+
+:func:`matmul` is the one dispatch point of the quantized products:
+
+* FP8 × FP8 with scales constant along ``K`` (tensor or row): ``lax.dot_general`` on the
+  float8 codes with ``preferred_element_type=float32``, scales applied to the output
+  (XLA lowers it to an FP8 GEMM on Hopper). On CPU and for dimensions that are not
+  multiples of 16 (cuBLAS' FP8 alignment) the same codes are multiplied as float32:
+  products of two FP8 values are exact in float32, so only the summation order differs.
+* INT × INT (8 bits or less, signed) with such scales: int8 codes, int32 accumulation.
+* Everything else (block scales along ``K``, sub-byte floats, NF4, mixed formats,
+  weight-only): dequantize to float32 and multiply in float32 at the highest precision.
+  The kernels layer replaces this path where it has a faster kernel with the same values.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxq import formats as F
+from jaxq.ops.spec import Quantizer
+from jaxq.quantization import packing
+from jaxq.quantization.calibration import Absmax, finite_abs
+from jaxq.quantization.codes import decode
+from jaxq.quantization.qarray import QArray
+from jaxq.quantization.qdq import dequantize, quantize
+
+__all__ = ["quantize_operand", "matmul", "observe_amax", "to_float", "is_quantized"]
+
+Operand = QArray | jax.Array
+_CANON = (((2,), (2,)), ((0,), (0,)))
+_FP8 = (F.E4M3, F.E5M2)
+
+
+def observe_amax(x: jax.Array) -> jax.Array:
+    """``max |x|`` over the finite elements (0 if none): what an amax history records."""
+    return jnp.max(finite_abs(x.astype(jnp.float32)), initial=0.0)
+
+
+def _pow2_amax(amax: jax.Array, m: float) -> jax.Array:
+    """An amax whose scale ``amax / m`` is the next power of two at or above ``amax / m``."""
+    ratio = jnp.maximum(amax / np.float32(m), np.float32(2.0**-126))
+    k = jnp.ceil(jnp.log2(ratio))
+    s = jnp.exp2(k)
+    # log2 may be off by an ulp: make sure s covers amax and is the smallest such power.
+    s = jnp.where(s * np.float32(m) < amax, s * 2, s)
+    s = jnp.where((s / 2) * np.float32(m) >= amax, s / 2, s)
+    return jnp.where(amax > 0, s * np.float32(m), amax)
+
+
+def _tile_amax(x3: jax.Array, bs: int) -> jax.Array:
+    """Finite ``max |x|`` of each ``bs × bs`` tile of ``(B, R, K)``, as ``(B, R, K // bs)``."""
+    b, r, k = x3.shape
+    t = finite_abs(x3.astype(jnp.float32)).reshape(b, r // bs, bs, k // bs, bs)
+    amax = jnp.max(t, axis=(2, 4))  # (B, R/bs, K/bs)
+    return jnp.repeat(amax, bs, axis=1)
+
+
+def quantize_operand(
+    x3: jax.Array,
+    q: Quantizer | None,
+    *,
+    amax: jax.Array | None = None,
+    key: jax.Array | None = None,
+    where: str = "operand",
+) -> Operand:
+    """Quantizes a canonical operand ``(B, R, K)`` along ``K`` as ``q`` says.
+
+    Args:
+        x3: the operand, contraction on the last axis.
+        q: its quantizer; ``None`` returns ``x3`` unchanged.
+        amax: tensor amax of delayed scaling (``None`` or ``0``: the current amax).
+        key: PRNG key for stochastic rounding.
+        where: names the operand in error messages.
+
+    Raises:
+        ValueError: a block size that does not divide the axis it tiles.
+    """
+    if q is None:
+        return x3
+    b, r, k = x3.shape
+    fmt, bs = q.fmt, q.block_size
+    if q.granularity in ("block", "block2d") and k % bs:
+        raise ValueError(
+            f"{where}: block size {bs} does not divide the contraction dimension {k} "
+            f"(operand viewed as (batch, rows, contraction) = {tuple(x3.shape)}); "
+            "choose a block size that divides it or keep this matmul in high precision"
+        )
+    if q.granularity == "block2d" and r % bs:
+        raise ValueError(
+            f"{where}: {bs}x{bs} tiles need the row dimension {r} to be a multiple of {bs} "
+            f"(operand viewed as (batch, rows, contraction) = {tuple(x3.shape)})"
+        )
+    rounding = q.rounding
+    kw: dict = {"rounding": rounding, "key": key if rounding == "stochastic" else None}
+    if q.granularity == "tensor":
+        kw.update(axis=None)
+    elif q.granularity == "row":
+        kw.update(axis=(0, 1))
+    else:
+        kw.update(axis=2, block_size=None if isinstance(fmt, F.BlockFormat) else bs)
+    m = q.element.max
+    if q.scaling == "static":
+        given = jnp.float32(q.static_scale * m)
+    elif q.scaling == "delayed":
+        current = observe_amax(x3)
+        given = jnp.where(amax > 0, amax * np.float32(2.0**q.margin), current)
+    else:
+        given = None
+    if q.granularity == "block2d":
+        given = _tile_amax(x3, bs)
+    elif q.calibration == "absmean":
+        given = _group_stat(x3, q, jnp.mean)
+    if q.power_of_two and not isinstance(fmt, F.BlockFormat):
+        given = _pow2_amax(_group_stat(x3, q, jnp.max) if given is None else given, m)
+    if given is not None:
+        return quantize(x3, fmt, amax=given, **kw)
+    calibration = q.calibration if not isinstance(q.calibration, str) else Absmax()
+    return quantize(x3, fmt, calibration=calibration, **kw)
+
+
+def _group_stat(x3: jax.Array, q: Quantizer, reduce) -> jax.Array:
+    """``reduce`` of ``|x|`` (finite elements) over each scale group, in the scale shape."""
+    a = finite_abs(x3.astype(jnp.float32))
+    if q.granularity == "tensor":
+        return reduce(a)
+    if q.granularity == "row":
+        return reduce(a, axis=2, keepdims=True)
+    b, r, k = x3.shape
+    return reduce(a.reshape(b, r, k // q.block_size, q.block_size), axis=-1)
+
+
+def is_quantized(x: Operand) -> bool:
+    return isinstance(x, QArray)
+
+
+def to_float(x: Operand) -> jax.Array:
+    """The values an operand stands for, as float32."""
+    if isinstance(x, QArray):
+        return dequantize(x, jnp.float32)
+    return x.astype(jnp.float32)
+
+
+def _element(q: QArray):
+    return q.fmt.element if isinstance(q.fmt, F.BlockFormat) else q.fmt
+
+
+def _factorable(q: QArray) -> bool:
+    """Scales constant along the contraction axis (tensor, or per (batch, row))."""
+    return q.layout.kind == "tensor" or (q.layout.kind == "channel" and 2 not in q.layout.axes)
+
+
+def _row_scale(q: QArray, side: str) -> jax.Array:
+    """The scale as a factor of the ``(B, M, N)`` output."""
+    s = q.scale.astype(jnp.float32)
+    if q.layout.kind == "tensor":
+        return s
+    s = s.reshape(s.shape[0], s.shape[1])
+    return s[:, :, None] if side == "lhs" else s[:, None, :]
+
+
+def _int_codes(q: QArray) -> jax.Array:
+    elem = _element(q)
+    codes = q.codes
+    if elem.bits < 8:
+        codes = packing.unpack(codes, bits=elem.bits, n=q.shape[-1])
+        codes = decode(codes, elem).astype(jnp.int8)
+    return codes
+
+
+def _aligned(*dims: int) -> bool:
+    return all(d % 16 == 0 for d in dims)
+
+
+def _fp8_dot(a: jax.Array, b: jax.Array, native: bool) -> jax.Array:
+    if native:
+        return jax.lax.dot_general(a, b, _CANON, preferred_element_type=jnp.float32)
+    return jax.lax.dot_general(
+        a.astype(jnp.float32), b.astype(jnp.float32), _CANON,
+        precision=jax.lax.Precision.HIGHEST, preferred_element_type=jnp.float32,
+    )  # fmt: skip
+
+
+def compute_path(a: Operand, b: Operand) -> str:
+    """``"fp8"``, ``"int"`` or ``"dequantize"``: how :func:`matmul` multiplies ``a · b``."""
+    if not (is_quantized(a) and is_quantized(b) and _factorable(a) and _factorable(b)):
+        return "dequantize"
+    ea, eb = _element(a), _element(b)
+    if ea in _FP8 and eb in _FP8:
+        return "fp8"
+    if isinstance(ea, F.IntFormat) and isinstance(eb, F.IntFormat):
+        return "int"
+    return "dequantize"
+
+
+def matmul(a: Operand, b: Operand) -> jax.Array:
+    """``a · bᵀ`` of canonical operands ``(B, M, K)``, ``(B, N, K)`` as float32 ``(B, M, N)``.
+
+    The value is ``Σ_k deq(a)_{bmk} deq(b)_{bnk}`` accumulated in float32, whatever path
+    computes it (module docstring).
+    """
+    path = compute_path(a, b)
+    if path == "fp8":
+        _, m, k = a.shape
+        n = b.shape[1]
+        native = jax.default_backend() == "gpu" and _aligned(m, n, k)
+        out = _fp8_dot(a.codes, b.codes, native)
+    elif path == "int":
+        out = jax.lax.dot_general(
+            _int_codes(a), _int_codes(b), _CANON, preferred_element_type=jnp.int32
+        ).astype(jnp.float32)
+    else:
+        return jax.lax.dot_general(
+            to_float(a), to_float(b), _CANON,
+            precision=jax.lax.Precision.HIGHEST, preferred_element_type=jnp.float32,
+        )  # fmt: skip
+    return out * _row_scale(a, "lhs") * _row_scale(b, "rhs")
+
+
+def transpose(x: Operand) -> Operand:
+    """Swaps the row and contraction axes of a canonical operand.
+
+    Tensor-scaled 8-bit codes transpose as they are; any other QArray becomes its float32
+    values (exact), to be multiplied by the dequantize path.
+    """
+    if isinstance(x, QArray):
+        if x.layout.kind == "tensor" and not x.packed:
+            b, r, k = x.shape
+            return QArray(
+                x.codes.transpose(0, 2, 1), x.scale, x.zero_point, x.tensor_scale,
+                x.fmt, (b, k, r), x.dtype, x.layout,
+            )  # fmt: skip
+        return to_float(x).transpose(0, 2, 1)
+    return x.transpose(0, 2, 1)
+
+
+def nbytes(x: Operand) -> int:
+    """Bytes an operand holds (codes and scales for a QArray)."""
+    if isinstance(x, QArray):
+        return x.nbytes
+    return int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize
