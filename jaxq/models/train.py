@@ -182,8 +182,15 @@ def evaluate(
         >>> bool(abs(loss - np.log(256)) < 0.2)  # near-uniform predictions at init
         True
     """
+    graphdef, params = split_model(model)
+    return _mean_window_loss(
+        functools.partial(_window_losses, graphdef, params), tokens, model.config.seq_len,
+        batch_size=batch_size, max_windows=max_windows,
+    )  # fmt: skip
+
+
+def _mean_window_loss(window_losses, tokens, seq_len, *, batch_size=64, max_windows=None):
     tokens = np.asarray(tokens)
-    seq_len = model.config.seq_len
     if tokens.ndim != 1:
         raise ValueError(f"tokens must be 1-D, got shape {tokens.shape}")
     if batch_size <= 0 or (max_windows is not None and max_windows <= 0):
@@ -199,14 +206,13 @@ def evaluate(
         n = min(n, max_windows)
     idx = np.arange(n)[:, None] * seq_len + np.arange(seq_len + 1)[None, :]
     windows = tokens[idx].astype(np.int32)
-    graphdef, params = split_model(model)
     total = 0.0
     for i in range(0, n, batch_size):
         chunk = windows[i:i + batch_size]
         pad = batch_size - chunk.shape[0]
         if pad:  # keep one compiled shape; padded rows are ignored below
             chunk = np.concatenate([chunk, np.zeros((pad, seq_len + 1), np.int32)])
-        losses = _window_losses(graphdef, params, chunk[:, :-1], chunk[:, 1:])
+        losses = window_losses(chunk[:, :-1], chunk[:, 1:])
         total += float(jnp.sum(losses[: batch_size - pad], dtype=jnp.float32))
     return total / n
 
@@ -220,6 +226,8 @@ class TrainResult(NamedTuple):
         graphdef: The model's static structure.
         params: Final parameters (pure dict).
         opt_state: Final optimizer state.
+        recipe_state: With a ``recipe``: the per-projection recipe state (``None`` without).
+        steps: With a ``learned_step`` recipe: the learned step sizes.
     """
 
     losses: np.ndarray
@@ -227,6 +235,8 @@ class TrainResult(NamedTuple):
     graphdef: nnx.GraphDef
     params: Params
     opt_state: Any
+    recipe_state: Any = None
+    steps: Any = None
 
     @property
     def model(self) -> GPT:
@@ -261,6 +271,7 @@ def train(
     batch_size: int = 16,
     max_bytes: int = 1_000_000,
     eval_windows: int | None = 256,
+    recipe=None,
 ) -> TrainResult:
     """Trains ``GPT(config)`` from scratch and reports the loss curve and validation loss.
 
@@ -284,6 +295,9 @@ def train(
         batch_size: Sequences per step; each has ``config.seq_len`` tokens.
         max_bytes: Bytes read when ``corpus`` is ``None`` or a path.
         eval_windows: Validation windows scored by :func:`evaluate` (``None``: all).
+        recipe: A :class:`jaxq.ops.Recipe` for every hidden projection (see
+            :mod:`jaxq.models.lowp`); the validation loss is then that of the quantized
+            forward. ``None`` trains in the parameters' precision.
 
     Returns:
         A :class:`TrainResult`.
@@ -303,13 +317,16 @@ def train(
     train_tokens, val_tokens = _load_corpus(corpus, max_bytes)
     init_key, data_key = jax.random.split(jax.random.key(seed))
     model = GPT(config, rngs=nnx.Rngs(params=init_key))
-    graphdef, params = split_model(model)
-    opt_state = optimizer.init(params)
-    step_fn = make_train_step(graphdef, optimizer)
     sample = jax.jit(
         functools.partial(data.batch, batch_size=batch_size, seq_len=config.seq_len)
     )
     train_tokens = jnp.asarray(train_tokens)
+    if recipe is not None:
+        return _train_quantized(model, optimizer, recipe, steps, sample, train_tokens,
+                                val_tokens, data_key, eval_windows)  # fmt: skip
+    graphdef, params = split_model(model)
+    opt_state = optimizer.init(params)
+    step_fn = make_train_step(graphdef, optimizer)
     losses = []
     for i in range(steps):
         inputs, targets = sample(train_tokens, jax.random.fold_in(data_key, i))
@@ -318,3 +335,30 @@ def train(
     losses = np.asarray(jax.device_get(jnp.stack(losses)), dtype=np.float32)
     val_loss = evaluate(merge_model(graphdef, params), val_tokens, max_windows=eval_windows)
     return TrainResult(losses, val_loss, graphdef, params, opt_state)
+
+
+def _train_quantized(model, optimizer, recipe, steps, sample, train_tokens, val_tokens,
+                     data_key, eval_windows) -> TrainResult:  # fmt: skip
+    from jaxq.models import lowp
+
+    first, _ = sample(train_tokens, jax.random.fold_in(data_key, 0))
+    state, step_sizes = lowp.init_recipe_state(
+        model, recipe, jax.random.fold_in(data_key, 2**31 - 1), sample_inputs=first
+    )
+    graphdef, params = split_model(model)
+    trainable = {"params": params, "steps": step_sizes}
+    opt_state = optimizer.init(trainable)
+    step_fn = lowp.make_quantized_train_step(graphdef, optimizer, recipe)
+    losses = []
+    for i in range(steps):
+        inputs, targets = sample(train_tokens, jax.random.fold_in(data_key, i))
+        trainable, opt_state, state, loss = step_fn(trainable, opt_state, state, inputs, targets)
+        losses.append(loss)
+    losses = np.asarray(jax.device_get(jnp.stack(losses)), dtype=np.float32)
+    window_losses = lowp.quantized_window_losses(
+        graphdef, trainable["params"], recipe, state, trainable["steps"]
+    )
+    val_loss = _mean_window_loss(window_losses, val_tokens, model.config.seq_len,
+                                 max_windows=eval_windows)  # fmt: skip
+    return TrainResult(losses, val_loss, graphdef, trainable["params"], opt_state, state,
+                       trainable["steps"])  # fmt: skip
