@@ -11,9 +11,11 @@ With a :class:`~jaxq.ops.Recipe` whose quantizers are ``Q_l``, ``Q_r``, ``Q_g``:
 each product accumulated in float32 (see :mod:`jaxq.ops.operand` for how it is computed).
 A ``None`` quantizer leaves its operand as it is; ``Q_g = None`` is the straight-through
 backward of quantization-aware training. The backward pass saves the quantized operands
-(codes and scales), never float copies: a second orientation where the weight-gradient
-product contracts along another axis than the forward (row or ``1 × b`` block scales),
-one copy otherwise. Operands without a quantizer are saved as they are.
+(codes and scales), never float copies. Recipes that quantize the gradient quantize an
+operand with row or ``1 × b`` block scales a second time, along the axis the backward
+product contracts, and save that orientation instead (as Transformer Engine does), so
+that each backward product has its scales off its contraction; straight-through (QAT)
+recipes reuse the forward's quantized values exactly. Operands without a quantizer are saved as they are.
 
 With ``hadamard_wgrad``, both weight-gradient operands are rotated by one random 16-point
 block Hadamard transform along the token axis before they are quantized; the rotation
@@ -142,15 +144,21 @@ def _forward(lhs, rhs, state, cfg: _Config):
 
 
 def _w_ready(cfg: _Config) -> bool:
-    """Whether the weight is saved already in the input gradient's orientation."""
+    """Whether the weight is saved already in the input gradient's orientation.
+
+    Only recipes that quantize the gradient re-quantize along the other axis (their
+    backward products are low-precision GEMMs that need scales off the contraction). With
+    a float gradient (QAT) the backward uses the forward's quantized values exactly.
+    """
     q = cfg.recipe.rhs
-    return q is not None and not q.orientation_free
+    return cfg.recipe.grad is not None and q is not None and not q.orientation_free
 
 
 def _x_ready(cfg: _Config) -> bool:
     """Whether the activations are saved already in the weight gradient's orientation."""
     q = cfg.recipe.lhs
-    return cfg.recipe.hadamard_wgrad or (q is not None and not q.orientation_free)
+    requantize = cfg.recipe.grad is not None and q is not None and not q.orientation_free
+    return cfg.recipe.hadamard_wgrad or requantize
 
 
 def _observation(state: OpState, role: str, amax) -> jax.Array | None:
