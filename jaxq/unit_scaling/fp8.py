@@ -1,4 +1,7 @@
-"""A small FP8 matmul for unit-scaled models: E4M3 forward, E5M2 backward, static scales.
+"""The FP8 matmul of unit-scaled models: E4M3 forward, E5M2 backward, static scales.
+
+:class:`Fp8DotGeneral` is a hashable configuration of :func:`jaxq.recipes.FP8Static`; the
+product itself is :func:`jaxq.ops.dot_general` (jaxq has one FP8 matmul).
 
 Unit scaling keeps activations, weights and gradients near unit scale, so FP8 casts can
 use *fixed* scales (1 by default) instead of amax-based dynamic scaling. Operands are
@@ -17,58 +20,11 @@ so an overflowing step shows up as a non-finite loss/gradient (which
 from __future__ import annotations
 
 import dataclasses
-import functools
-
-import jax
-import jax.numpy as jnp
 
 from jaxq import formats
 from jaxq.formats import FloatFormat
-from jaxq.quantization import cast as _cast
 
 __all__ = ["Fp8DotGeneral", "fp8_dot_general"]
-
-
-def _scaled_cast(x, fmt, scale):
-    if scale == 1.0:
-        return _cast(x, fmt)
-    return _cast(x / scale, fmt) * jnp.asarray(scale, x.dtype)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _fp8_dot(lhs, rhs, dimension_numbers, cfg):
-    lq, rq = _fwd_cast(lhs, rhs, cfg)
-    return jax.lax.dot_general(lq, rq, dimension_numbers, preferred_element_type=jnp.float32)
-
-
-def _fwd_cast(lhs, rhs, cfg):
-    return (
-        _scaled_cast(lhs, cfg.fwd_format, cfg.lhs_scale),
-        _scaled_cast(rhs, cfg.fwd_format, cfg.rhs_scale),
-    )
-
-
-def _fp8_dot_fwd(lhs, rhs, dimension_numbers, cfg):
-    lq, rq = _fwd_cast(lhs, rhs, cfg)
-    out = jax.lax.dot_general(lq, rq, dimension_numbers, preferred_element_type=jnp.float32)
-    return out, (lq, rq)
-
-
-def _fp8_dot_bwd(dimension_numbers, cfg, res, g):
-    lq, rq = res
-    gq = _scaled_cast(g, cfg.bwd_format, cfg.grad_scale)
-    _, vjp = jax.vjp(
-        lambda a, b: jax.lax.dot_general(
-            a, b, dimension_numbers, preferred_element_type=jnp.float32
-        ),
-        lq,
-        rq,
-    )
-    dl, dr = vjp(gq)
-    return dl.astype(lq.dtype), dr.astype(rq.dtype)
-
-
-_fp8_dot.defvjp(_fp8_dot_fwd, _fp8_dot_bwd)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,13 +60,23 @@ class Fp8DotGeneral:
             if not (isinstance(v, (int, float)) and 0 < v < float("inf")):
                 raise ValueError(f"{name} must be a finite positive number, got {v!r}")
 
-    def __call__(self, lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
-        """Computes the FP8 product; ``precision`` is ignored, the result is float32 or
-        ``preferred_element_type``."""
-        dn = jax.tree.map(int, dimension_numbers)
-        dn = tuple(tuple(tuple(d) for d in part) for part in dn)
-        out = _fp8_dot(jnp.asarray(lhs), jnp.asarray(rhs), dn, self)
-        return out.astype(preferred_element_type or jnp.result_type(lhs, rhs))
+    @property
+    def recipe(self):
+        """The equivalent :func:`jaxq.recipes.FP8Static` recipe (which computes the product)."""
+        from jaxq.recipes import FP8Static
+
+        return FP8Static(lhs_scale=self.lhs_scale, rhs_scale=self.rhs_scale,
+                         grad_scale=self.grad_scale, fwd_format=self.fwd_format,
+                         bwd_format=self.bwd_format)  # fmt: skip
+
+    def __call__(self, lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None,
+                 **kwargs):  # fmt: skip
+        """Computes the FP8 product with :func:`jaxq.ops.dot_general`; ``precision`` is
+        ignored, the result has ``preferred_element_type`` or the operands' dtype."""
+        from jaxq.ops import dot_general
+
+        return dot_general(lhs, rhs, dimension_numbers, None, preferred_element_type,
+                           recipe=self.recipe)  # fmt: skip
 
 
 fp8_dot_general = Fp8DotGeneral()
