@@ -15,7 +15,8 @@ backward of quantization-aware training. The backward pass saves the quantized o
 operand with row or ``1 × b`` block scales a second time, along the axis the backward
 product contracts, and save that orientation instead (as Transformer Engine does), so
 that each backward product has its scales off its contraction; straight-through (QAT)
-recipes reuse the forward's quantized values exactly. Operands without a quantizer are saved as they are.
+recipes reuse the forward's quantized values exactly. Operands without a quantizer are
+saved as they are.
 
 With ``hadamard_wgrad``, both weight-gradient operands are rotated by one random 16-point
 block Hadamard transform along the token axis before they are quantized; the rotation
