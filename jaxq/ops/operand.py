@@ -13,8 +13,12 @@ operand itself where its :class:`~jaxq.ops.Quantizer` is ``None``.
   multiples of 16 (cuBLAS' FP8 alignment) the same codes are multiplied as float32:
   products of two FP8 values are exact in float32, so only the summation order differs.
 * INT × INT (8 bits or less, signed) with such scales: int8 codes, int32 accumulation.
-* Everything else (block scales along ``K``, sub-byte floats, NF4, mixed formats,
-  weight-only): dequantize to float32 and multiply in float32 at the highest precision.
+* MX × MX and NVFP4 × NVFP4 blocked along ``K``: ``jax.nn.scaled_matmul`` where cuDNN
+  has a block-scaled GEMM (Blackwell GPUs); its definition is the dequantized product, and
+  :func:`scaled_matmul_operands` is tested against that definition on every platform.
+* Everything else (block scales along ``K`` elsewhere, sub-byte floats, NF4, mixed
+  formats, weight-only): dequantize to float32 and multiply in float32 at the highest
+  precision.
   The kernels layer replaces this path where it has a faster kernel with the same values.
 """
 
@@ -188,8 +192,59 @@ def _fp8_dot(a: jax.Array, b: jax.Array, native: bool) -> jax.Array:
     )  # fmt: skip
 
 
+def scaled_matmul_available() -> bool:
+    """Whether ``jax.nn.scaled_matmul`` has a kernel here: cuDNN's block-scaled GEMM, on
+    NVIDIA GPUs of compute capability 10 (Blackwell) and newer. XLA:CPU has none."""
+    if jax.default_backend() != "gpu":
+        return False
+    cc = getattr(jax.devices()[0], "compute_capability", None)
+    try:
+        return cc is not None and float(cc) >= 10.0
+    except (TypeError, ValueError):
+        return False
+
+
+def _block_pair(a: Operand, b: Operand) -> bool:
+    """Both MX, or both NVFP4, blocked along the contraction with the format's block."""
+    if not (is_quantized(a) and is_quantized(b)):
+        return False
+    fa, fb = a.fmt, b.fmt
+    if not (isinstance(fa, F.BlockFormat) and isinstance(fb, F.BlockFormat)):
+        return False
+    return (
+        fa.scale_format == fb.scale_format
+        and fa.block_size == fb.block_size
+        and a.layout.kind == b.layout.kind == "block"
+        and a.layout.axes == b.layout.axes == (2,)
+    )
+
+
+def scaled_matmul_operands(a: QArray, b: QArray):
+    """Arguments of ``jax.nn.scaled_matmul`` for two block-format operands, and the factor
+    (the NVFP4 tensor scales) that multiplies its output.
+
+    ``jax.nn.scaled_matmul(lhs, rhs, lhs_scales, rhs_scales) * post`` is by definition
+    ``Σ_k lhs_{mk} s^l_{m,k/b} rhs_{nk} s^r_{n,k/b} · post``, which is ``matmul(a, b)``.
+    """
+
+    def elems(q):
+        elem = q.fmt.element
+        if elem.bits == 8:
+            return q.codes
+        codes = packing.unpack(q.codes, bits=elem.bits, n=q.shape[-1])
+        return decode(codes, elem).astype(elem.dtype)
+
+    post = jnp.float32(1.0)
+    if a.tensor_scale is not None:
+        post = a.tensor_scale * b.tensor_scale
+    return elems(a), elems(b), a.scale, b.scale, post
+
+
 def compute_path(a: Operand, b: Operand) -> str:
-    """``"fp8"``, ``"int"`` or ``"dequantize"``: how :func:`matmul` multiplies ``a · b``."""
+    """How :func:`matmul` multiplies ``a · b``: ``"fp8"``, ``"int"``, ``"scaled_matmul"``
+    (block formats where cuDNN has a kernel) or ``"dequantize"``."""
+    if _block_pair(a, b) and scaled_matmul_available():
+        return "scaled_matmul"
     if not (is_quantized(a) and is_quantized(b) and _factorable(a) and _factorable(b)):
         return "dequantize"
     ea, eb = _element(a), _element(b)
@@ -207,6 +262,9 @@ def matmul(a: Operand, b: Operand) -> jax.Array:
     computes it (module docstring).
     """
     path = compute_path(a, b)
+    if path == "scaled_matmul":
+        la, lb, sa, sb, post = scaled_matmul_operands(a, b)
+        return jax.nn.scaled_matmul(la, lb, sa, sb, preferred_element_type=jnp.float32) * post
     if path == "fp8":
         _, m, k = a.shape
         n = b.shape[1]

@@ -353,3 +353,23 @@ def test_partial_drops_into_flax_linear():
     y = layer(x)
     g = nnx.grad(lambda m: jnp.sum(m(x) ** 2))(layer)
     assert y.shape == (4, 32) and np.isfinite(np.asarray(g["kernel"].value)).all()
+
+
+@pytest.mark.parametrize("fmt", ["mxfp8", "mxfp4", "nvfp4"])
+def test_scaled_matmul_operands_follow_its_definition(fmt):
+    # jax.nn.scaled_matmul has a kernel on Blackwell GPUs only; its documented definition
+    # is checked here against the dequantize path, so both paths give the same values
+    # up to float32 summation order.
+    from jaxq.ops.operand import matmul, quantize_operand, scaled_matmul_operands
+
+    x, w = _inputs()
+    qa = quantize_operand(x[None], Quantizer(fmt, "block"))
+    qb = quantize_operand(w.T[None], Quantizer(fmt, "block"))
+    la, lb, sa, sb, post = scaled_matmul_operands(qa, qb)
+    bs = la.shape[-1] // sa.shape[-1]
+    a = la.astype(jnp.float32) * jnp.repeat(sa.astype(jnp.float32), bs, axis=-1)
+    b = lb.astype(jnp.float32) * jnp.repeat(sb.astype(jnp.float32), bs, axis=-1)
+    by_definition = jnp.einsum("bmk,bnk->bmn", a, b, precision="highest") * post
+    ref = matmul(qa, qb)
+    np.testing.assert_allclose(by_definition, ref, rtol=1e-5,
+                               atol=1e-5 * float(jnp.abs(ref).max()))  # fmt: skip
