@@ -24,7 +24,8 @@ cancels in the exact product. The token axis is zero-padded to a multiple of 16 
 
 Recipe state (:class:`~jaxq.ops.OpState`) enters as an argument; its "gradient" returns
 the amaxes observed in this call (see :func:`jaxq.recipes.update`). Learned step sizes
-(``recipe.learned_step``) enter as ``steps`` and are differentiated like parameters.
+(``recipe.learned_step``) enter as ``steps`` and are differentiated like parameters; that
+product is rematerialized, so its backward keeps only the operands and the steps.
 
 Shapes that an FP8 GEMM would not take (dimensions not multiples of 16) are computed from
 the same FP8 codes in float32: the values are the same, only the kernel differs. A block
@@ -235,6 +236,19 @@ def _lsq_operand(x3, q, step):
     return lsq_quant(x3, step, q.fmt)
 
 
+@functools.partial(jax.checkpoint, static_argnums=(4, 5))
+def _lsq_product(lhs, rhs, lhs_step, rhs_step, canon: Canonical, recipe: Recipe):
+    """The fake-quantized product of learned-step recipes. Rematerialized: the backward
+    pass keeps the operands and steps only and recomputes the quantized values."""
+    xv = _lsq_operand(canon.lhs(lhs), recipe.lhs, lhs_step)
+    wv = _lsq_operand(canon.rhs(rhs), recipe.rhs, rhs_step)
+    y3 = jax.lax.dot_general(
+        xv, wv, O._CANON, precision=jax.lax.Precision.HIGHEST,
+        preferred_element_type=jnp.float32,
+    )  # fmt: skip
+    return canon.out(y3)
+
+
 def _check_operands(op: str, lhs, rhs) -> None:
     for name, x in (("lhs", lhs), ("rhs", rhs)):
         dt = jnp.result_type(x)
@@ -335,13 +349,7 @@ def dot_general(
                 f"{op}: recipe {recipe.name!r} learns step sizes: pass "
                 "steps=jaxq.recipes.init_steps(recipe, lhs, rhs, dimension_numbers)"
             )
-        xv = _lsq_operand(canon.lhs(lhs), recipe.lhs, steps.get("lhs"))
-        wv = _lsq_operand(canon.rhs(rhs), recipe.rhs, steps.get("rhs"))
-        y3 = jax.lax.dot_general(
-            xv, wv, O._CANON, precision=jax.lax.Precision.HIGHEST,
-            preferred_element_type=jnp.float32,
-        )  # fmt: skip
-        out = canon.out(y3)
+        out = _lsq_product(lhs, rhs, steps.get("lhs"), steps.get("rhs"), canon, recipe)
     else:
         check_state(recipe, state, op)
         cfg = _Config(recipe, canon, lhs.dtype, rhs.dtype, op)
@@ -355,7 +363,9 @@ def dot_general(
 def residual_nbytes(recipe: Recipe, lhs, rhs, dimension_numbers) -> int:
     """Bytes the backward pass keeps for one call (quantized operands and their scales).
 
-    ``lhs``/``rhs`` may be arrays or ``jax.ShapeDtypeStruct``.
+    ``lhs``/``rhs`` may be arrays or ``jax.ShapeDtypeStruct``. ``learned_step`` recipes
+    are differentiated by JAX (LSQ needs ``x / step`` in float): their count is what
+    the VJP closes over (``jax.vjp``'s residuals), with per-tensor steps.
 
     Example:
         >>> import jax, jax.numpy as jnp, jaxq
@@ -366,6 +376,19 @@ def residual_nbytes(recipe: Recipe, lhs, rhs, dimension_numbers) -> int:
         0.25...
     """
     canon = canonicalize(lhs.shape, rhs.shape, dimension_numbers)
+    if recipe.learned_step:  # differentiated by JAX: count what autodiff saves
+        steps = {
+            "lhs": None if recipe.lhs is None else jnp.ones((), jnp.float32),
+            "rhs": None if recipe.rhs is None else jnp.ones((), jnp.float32),
+        }
+
+        def residuals(x, w):
+            f = functools.partial(dot_general, dimension_numbers=dimension_numbers,
+                                  recipe=recipe, steps=steps)  # fmt: skip
+            return jax.tree.leaves(jax.vjp(lambda x, w: f(x, w), x, w)[1])
+
+        saved = jax.eval_shape(residuals, lhs, rhs)
+        return int(sum(np.prod(a.shape) * np.dtype(a.dtype).itemsize for a in saved))
     cfg = _Config(recipe, canon, lhs.dtype, rhs.dtype, "residual_nbytes")
     key = jax.random.key(0) if recipe.needs_key else None
 

@@ -144,15 +144,16 @@ def _lsq(x, step, fmt):
 
 
 def _lsq_fwd(x, step, fmt):
-    lo, hi = _lsq_bounds(fmt)
-    v = x / step
-    q = cast(jnp.clip(v, lo, hi), fmt)
-    return q * step, (v, q, step)
+    # Saves x and step only (x is usually a parameter, alive anyway); v and q are
+    # recomputed in the backward pass, bit-identically.
+    return _lsq(x, step, fmt), (x, step)
 
 
 def _lsq_bwd(fmt, res, g):
-    v, q, step = res
+    x, step = res
     lo, hi = _lsq_bounds(fmt)
+    v = x / step
+    q = cast(jnp.clip(v, lo, hi), fmt)
     inside = (v >= lo) & (v <= hi)
     dx = jnp.where(inside, g, 0.0)
     dstep_elem = jnp.where(inside, q - v, jnp.where(v < lo, lo, hi))
