@@ -112,8 +112,8 @@ def test_fp8_codes_are_ml_dtypes_casts():
 # outlier channels; block scales do better.
 BACKWARD_BUDGET = {
     "fp8_current": 0.10, "fp8_delayed": 0.10, "fp8_static": 0.10, "fp8_blockwise": 0.06,
-    "mxfp8": 0.07, "mxfp4": 0.30, "nvfp4": 0.25, "int8": 0.02, "int4": 0.25,
-    "ternary": 0.02,
+    "mxfp8": 0.07, "mxfp4": 0.30, "nvfp4": 0.25, "int8": 0.06, "int4": 0.25,
+    "ternary": 0.06,
 }  # fmt: skip
 # Ternary's dx carries the ternary weight (about 50% off by construction): budget on dw.
 
