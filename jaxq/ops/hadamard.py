@@ -17,6 +17,7 @@ along their contraction axis leaves the exact product unchanged:
 
 from __future__ import annotations
 
+import functools
 import math
 import operator
 
@@ -97,12 +98,18 @@ def hadamard(
         raise ValueError(
             f"hadamard: block_size={b} does not divide axis {axis} of size {n} (x.shape={x.shape})"
         )
+    if key is not None and not jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
+        key = jax.random.wrap_key_data(key)
+    return _hadamard(x, key, axis=axis, b=b, inverse=inverse)
+
+
+@functools.partial(jax.jit, static_argnames=("axis", "b", "inverse"))
+def _hadamard(x, key, *, axis, b, inverse):
+    n = x.shape[axis]
     dtype = x.dtype
     y = jnp.moveaxis(x.astype(jnp.promote_types(dtype, jnp.float32)), axis, -1)
     signs = None
     if key is not None:
-        if not jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
-            key = jax.random.wrap_key_data(key)
         signs = jnp.where(jax.random.bernoulli(key, 0.5, (n,)), 1.0, -1.0).astype(y.dtype)
     if signs is not None and not inverse:
         y = y * signs

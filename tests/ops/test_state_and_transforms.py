@@ -134,7 +134,7 @@ def test_data_parallel_amax_is_global():
     np.testing.assert_allclose(loss, loss1, rtol=1e-6)
 
 
-@pytest.mark.parametrize("name", ["fp8_current", "fp8_delayed", "nvfp4", "int8"])
+@pytest.mark.parametrize("name", ["fp8_current", "fp8_delayed", "mxfp4", "int8"])
 def test_transformations(name):
     x, w = _xw(m=32, k=64, n=64)
     r = R.NAMED[name]()
