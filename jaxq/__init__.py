@@ -36,14 +36,23 @@ from jaxq.scaled import ScaledArray, as_scaled_array, asarray, scalify
 
 __version__ = "0.1.0"
 
-_LAZY = ("analysis", "data", "kernels", "models", "ops", "optim", "recipes", "unit_scaling")
+_LAZY = (
+    "analysis", "data", "kernels", "models", "ops", "optim", "recipes", "unit_scaling", "wrapping",
+)  # fmt: skip
+
+
+_FROM = {
+    "hadamard": "jaxq.ops.hadamard",
+    "Rule": "jaxq.wrapping",
+    "quantize_model": "jaxq.wrapping",
+    "QuantState": "jaxq.wrapping",
+    "unused_rules": "jaxq.wrapping",
+}
 
 
 def __getattr__(name):
-    if name == "hadamard":
-        from jaxq.ops.hadamard import hadamard
-
-        return hadamard
+    if name in _FROM:
+        return getattr(importlib.import_module(_FROM[name]), name)
     if name in _LAZY:
         return importlib.import_module(f"jaxq.{name}")
     raise AttributeError(f"module 'jaxq' has no attribute {name!r}")
@@ -53,6 +62,6 @@ __all__ = [
     "formats", "__version__",
     "cast", "quantize", "dequantize", "QArray", "Layout",
     "Absmax", "Percentile", "MSE", "AmaxHistory", "fake_quant", "lsq_quant",
-    "ScaledArray", "scalify", "as_scaled_array", "asarray", "scaled_rules", "hadamard",
-    *_LAZY,
+    "ScaledArray", "scalify", "as_scaled_array", "asarray", "scaled_rules",
+    *_FROM, *_LAZY,
 ]  # fmt: skip

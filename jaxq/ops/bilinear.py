@@ -145,6 +145,7 @@ def conv_general_dilated(
     batch_group_count: int = 1,
     precision=None,
     preferred_element_type=None,
+    out_sharding=None,
     *,
     recipe: Recipe | None,
     state: OpState | None = None,
@@ -175,15 +176,19 @@ def conv_general_dilated(
         "batch_group_count": batch_group_count,
     }
     if recipe is None:
-        return jax.lax.conv_general_dilated(
+        out = jax.lax.conv_general_dilated(
             lhs, rhs, **kwargs, precision=precision, preferred_element_type=preferred_element_type
         )
-    dn = jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
-    out_axis = dn.rhs_spec[0]  # the kernel's output-feature axis
-    fn = functools.partial(_conv, kwargs=tuple(kwargs.items()))
-    out_dtype = preferred_element_type or jnp.result_type(lhs, rhs)
-    op = f"jaxq.ops.conv_general_dilated[{recipe.name}]"
-    return _apply(fn, lhs, rhs, (), recipe, state, (out_axis,), op, out_dtype)
+    else:
+        dn = jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
+        out_axis = dn.rhs_spec[0]  # the kernel's output-feature axis
+        fn = functools.partial(_conv, kwargs=tuple(kwargs.items()))
+        out_dtype = preferred_element_type or jnp.result_type(lhs, rhs)
+        op = f"jaxq.ops.conv_general_dilated[{recipe.name}]"
+        out = _apply(fn, lhs, rhs, (), recipe, state, (out_axis,), op, out_dtype)
+    if out_sharding is not None:
+        out = jax.lax.with_sharding_constraint(out, out_sharding)
+    return out
 
 
 def _ragged(lhs, rhs, group_sizes):

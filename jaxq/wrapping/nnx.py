@@ -1,0 +1,287 @@
+"""Wrapping Flax NNX models: module surgery on a copy, recipe state as NNX variables.
+
+:func:`quantize_model` copies the model (``nnx.clone``), finds every ``nnx.Linear``,
+``nnx.LinearGeneral`` (so also ``nnx.MultiHeadAttention``'s projections), ``nnx.Einsum``
+and ``nnx.Conv``, and gives each layer that a rule selects:
+
+* its recipe (a static attribute) and, if the recipe has state, a :class:`QuantState`
+  variable holding the :class:`jaxq.ops.OpState` (stacked over the leading axes of a
+  kernel made by ``nnx.vmap``, so ``nnx.scan`` over layers slices it like the weights);
+* learned step sizes as an ``nnx.Param`` (``jaxq_steps``) for ``learned_step`` recipes;
+* a subclass of its own class whose ``__call__`` hands the layer's ``dot_general`` /
+  ``einsum_op`` / ``conv_general_dilated`` slot the jaxq op with that state for the
+  duration of the call. Parameters keep their paths, objects and values; the original
+  model is untouched; nothing in jax or flax is patched.
+
+A train step differentiates with respect to ``nnx.Param`` *and* :class:`QuantState`; the
+state's "gradient" is what the ops observed, which :func:`update_state` rolls into the
+histories (see :mod:`jaxq.recipes.state`). :func:`value_and_grad` does both:
+
+.. code-block:: python
+
+    qmodel = jaxq.quantize_model(model, [jaxq.Rule(".*", recipe=jaxq.recipes.FP8Delayed())])
+    optimizer = nnx.Optimizer(qmodel, optax.adamw(1e-3), wrt=nnx.Param)
+
+    @nnx.jit
+    def step(qmodel, optimizer, x, y):
+        loss, grads = jaxq.wrapping.value_and_grad(loss_fn)(qmodel, x, y)  # updates state
+        optimizer.update(qmodel, grads)
+        return loss
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxq import ops, recipes
+from jaxq.ops.spec import OpState, Recipe
+from jaxq.wrapping.rules import Rule, match, unused_among
+
+__all__ = ["QuantState", "quantize_model", "layers", "value_and_grad", "update_state",
+           "unused_rules"]  # fmt: skip
+
+
+class QuantState(nnx.Variable):
+    """An NNX variable holding a wrapped layer's recipe state (:class:`jaxq.ops.OpState`).
+
+    ``nnx.state(model, jaxq.QuantState)`` selects all of them.
+    """
+
+
+_SLOTS = {"dot_general": "dot_general", "einsum": "einsum_op", "conv": "conv_general_dilated"}
+_OPS = {"dot_general": ops.dot_general, "einsum": ops.einsum, "conv": ops.conv_general_dilated}
+
+
+def _op_of(module) -> str | None:
+    if isinstance(module, nnx.Einsum):
+        return "einsum"
+    if isinstance(module, nnx.Conv):
+        return "conv"
+    if isinstance(module, (nnx.Linear, nnx.LinearGeneral)):
+        return "dot_general"
+    return None
+
+
+def layers(model: nnx.Module) -> list[tuple[str, nnx.Module, str]]:
+    """``(path, layer, op)`` of every layer :func:`quantize_model` can wrap, in graph order."""
+    out = []
+    for path, node in nnx.iter_graph(model):
+        op = _op_of(node) if isinstance(node, nnx.Module) else None
+        if op is not None:
+            out.append(("/".join(map(str, path)), node, op))
+    return out
+
+
+def _get(v):
+    return v.get_value() if hasattr(v, "get_value") else v.value
+
+
+def _quantized_call(base: type):
+    def __call__(self, *args, **kwargs):
+        """Runs the layer with its slot bound to the jaxq op, its recipe and its state."""
+        op = self.jaxq_op
+        slot = _SLOTS[op]
+        kw = {"recipe": self.jaxq_recipe}
+        if "jaxq_state" in vars(self):
+            kw["state"] = _get(self.jaxq_state)
+        if "jaxq_steps" in vars(self):
+            kw["steps"] = _get(self.jaxq_steps)
+        previous = vars(self)[slot]
+        object.__setattr__(self, slot, functools.partial(_OPS[op], **kw))
+        try:
+            return base.__call__(self, *args, **kwargs)
+        finally:
+            object.__setattr__(self, slot, previous)
+
+    return __call__
+
+
+@functools.cache
+def _quantized_class(cls: type) -> type:
+    """A subclass of a layer's class (same object layout) with the quantized ``__call__``."""
+    namespace = {"__call__": _quantized_call(cls), "__slots__": (), "__module__": __name__}
+    return type(f"Quantized{cls.__name__}", (cls,), namespace)
+
+
+def _contraction(layer, op) -> int | None:
+    """The size a block quantizer tiles along the forward contraction, if known."""
+    k = _get(layer.kernel)
+    if isinstance(layer, nnx.Linear):
+        return k.shape[-2]
+    if isinstance(layer, nnx.LinearGeneral):
+        return math.prod(layer.in_features)
+    if isinstance(layer, nnx.Einsum):
+        ins, out = layer.einsum_str.split("->")
+        x_term, k_term = ins.split(",")
+        shape = k.shape[k.ndim - len(k_term):]  # without the axes of stacked layers
+        return math.prod(d for c, d in zip(k_term, shape, strict=True)
+                         if c in x_term and c not in out)  # fmt: skip
+    return None
+
+
+def _stack_shape(layer) -> tuple[int, ...]:
+    """Leading axes of a kernel created under ``nnx.vmap`` (layers stacked for scan)."""
+    k = _get(layer.kernel)
+    if isinstance(layer, nnx.Linear):
+        return tuple(k.shape[:-2])
+    if isinstance(layer, nnx.Einsum):
+        return tuple(k.shape[: k.ndim - len(layer.kernel_shape)])
+    return ()
+
+
+def _check(rule: Rule, recipe: Recipe, layer, op: str, path: str) -> None:
+    where = f"quantize_model: layer {path!r} ({type(layer).__name__}) matched rule " \
+            f"{rule.module_path!r} with recipe {recipe.name!r}"  # fmt: skip
+    slot = _SLOTS[op]
+    if op == "dot_general" and getattr(layer, "dot_general_cls", None) is not None:
+        raise ValueError(f"{where}: the layer uses dot_general_cls; jaxq fills dot_general")
+    if slot not in vars(layer):
+        raise ValueError(f"{where}: the layer has no {slot!r} slot to fill")
+    if op == "conv":
+        for role, q in recipe.quantizers().items():
+            if q is not None and q.granularity not in ("tensor", "row"):
+                raise ValueError(
+                    f"{where}: {role} granularity {q.granularity!r} has no conv path "
+                    "(convolutions take 'tensor' or, for the kernel, 'row')"
+                )
+        if recipe.learned_step or recipe.hadamard_wgrad:
+            raise ValueError(f"{where}: learned steps and Hadamard rotations have no conv path")
+    k = _contraction(layer, op)
+    for role in ("lhs", "rhs"):
+        q = getattr(recipe, role)
+        if q is not None and q.granularity in ("block", "block2d") and k and k % q.block_size:
+            raise ValueError(
+                f"{where}: {role} block size {q.block_size} does not divide the contraction "
+                f"dimension {k} of the kernel {tuple(_get(layer.kernel).shape)}"
+            )
+    if recipe.learned_step and not isinstance(layer, nnx.Linear):
+        raise ValueError(f"{where}: learned step sizes are supported on nnx.Linear layers")
+
+
+def _init_state(recipe: Recipe, key, stack: tuple[int, ...]):
+    if not recipe.needs_key:
+        s = recipe.init()
+        return None if s is None else jax.tree.map(lambda a: jnp.broadcast_to(a, stack + a.shape),
+                                                   s)  # fmt: skip
+    n = math.prod(stack)
+    keys = jax.random.split(key, max(n, 1))
+    s = jax.vmap(recipe.init)(keys)
+    return jax.tree.map(lambda a: a.reshape(stack + a.shape[1:]), s)
+
+
+def _init_steps(recipe: Recipe, layer):
+    k = _get(layer.kernel)
+    stack = k.shape[:-2]
+    # Activation steps start from unit-scale inputs (mean |x| = sqrt(2/pi)).
+    x = jnp.full((1, k.shape[-2]), math.sqrt(2 / math.pi), k.dtype)
+
+    def one(kernel):
+        return recipes.init_steps(recipe, x, kernel, (((1,), (0,)), ((), ())))
+
+    if not stack:
+        return one(k)
+    steps = jax.vmap(one)(k.reshape((-1,) + k.shape[-2:]))  # stacked layers (nnx.vmap)
+    return jax.tree.map(lambda a: a.reshape(stack + a.shape[1:]), steps)
+
+
+def quantize_model(model: nnx.Module, rules, *, key: jax.Array | None = None) -> nnx.Module:
+    """A copy of an NNX model whose selected layers compute with jaxq recipes.
+
+    Args:
+        model: any ``nnx.Module``; it is not modified.
+        rules: a sequence of :class:`jaxq.Rule`; the first rule whose regex fully matches a
+            layer's path (and op) applies.
+        key: PRNG key for recipes that round stochastically or rotate (default key 0).
+
+    Returns:
+        The wrapped copy: same parameter tree, plus :class:`QuantState` variables (and
+        ``jaxq_steps`` params for learned steps) on the wrapped layers.
+
+    Raises:
+        ValueError: at wrap time, naming the layer path and the reason (a block size that
+            does not divide the contraction, a format with no conv path...).
+
+    Example:
+        >>> import jax.numpy as jnp, jaxq
+        >>> from flax import nnx
+        >>> model = nnx.Sequential(nnx.Linear(64, 64, rngs=nnx.Rngs(0)), nnx.relu,
+        ...                        nnx.Linear(64, 8, rngs=nnx.Rngs(1)))
+        >>> q = jaxq.quantize_model(model, [jaxq.Rule("layers/2", recipe=None),
+        ...                                 jaxq.Rule(".*", recipe=jaxq.recipes.FP8Current())])
+        >>> [type(layer).__name__ for _, layer, _ in jaxq.wrapping.layers(q)]
+        ['QuantizedLinear', 'Linear']
+    """
+    rules = list(rules)
+    for r in rules:
+        if not isinstance(r, Rule):
+            raise TypeError(f"quantize_model: rules must be jaxq.Rule objects, got {r!r}")
+    key = jax.random.key(0) if key is None else key
+    model = nnx.clone(model)
+    for i, (path, layer, op) in enumerate(layers(model)):
+        m = match(rules, path, op)
+        if m is None or m[1].recipe is None:
+            continue
+        rule, recipe = m[1], m[1].recipe
+        _check(rule, recipe, layer, op, path)
+        object.__setattr__(layer, "__class__", _quantized_class(type(layer)))
+        layer.jaxq_op = op
+        layer.jaxq_recipe = recipe
+        state = _init_state(recipe, jax.random.fold_in(key, i), _stack_shape(layer))
+        if state is not None:
+            layer.jaxq_state = QuantState(state)
+        if recipe.learned_step:
+            layer.jaxq_steps = nnx.Param(_init_steps(recipe, layer))
+    return model
+
+
+def unused_rules(model: nnx.Module, rules) -> list[Rule]:
+    """The rules that match no layer of ``model`` (the first matching rule takes a layer).
+
+    Example:
+        >>> import jaxq
+        >>> from flax import nnx
+        >>> model = nnx.Sequential(nnx.Linear(4, 4, rngs=nnx.Rngs(0)))
+        >>> jaxq.unused_rules(model, [jaxq.Rule("layers/0"), jaxq.Rule("head")])
+        [Rule(module_path='head', op=None, recipe=None)]
+    """
+    return unused_among(rules, [(p, op) for p, _, op in layers(model)])
+
+
+def _is_state(x) -> bool:
+    return isinstance(x, OpState)
+
+
+def update_state(model: nnx.Module, observations) -> None:
+    """Rolls the observations (the :class:`QuantState` part of a gradient) into the model's
+    recipe state, in place (see :func:`jaxq.recipes.update`)."""
+    current = nnx.state(model, QuantState)
+    new = jax.tree.map(
+        lambda s, o: recipes.update(s, o), nnx.to_pure_dict(current),
+        nnx.to_pure_dict(observations), is_leaf=_is_state,
+    )  # fmt: skip
+    nnx.replace_by_pure_dict(current, new)
+    nnx.update(model, current)
+
+
+def value_and_grad(loss_fn, *, has_aux: bool = False):
+    """``nnx.value_and_grad`` of ``loss_fn(model, *args)`` for a wrapped model.
+
+    Returns ``f(model, *args) -> (value, grads)`` with ``grads`` the ``nnx.Param``
+    gradients (ready for ``nnx.Optimizer.update``); the model's recipe state is updated
+    in place from what the ops observed in this call.
+    """
+    diff = nnx.DiffState(0, nnx.Any(nnx.Param, QuantState))
+    vg = nnx.value_and_grad(loss_fn, argnums=diff, has_aux=has_aux)
+
+    def wrapped(model, *args, **kwargs):
+        value, grads = vg(model, *args, **kwargs)
+        param_grads, observations = nnx.split_state(grads, nnx.Param, QuantState)
+        update_state(model, observations)
+        return value, param_grads
+
+    return wrapped
