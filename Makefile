@@ -34,6 +34,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/optim.py
 	$(BIN)/python benchmarks/scaling.py
 	$(BIN)/python benchmarks/umup_transfer.py
+	$(BIN)/python benchmarks/ops.py
 
 clean:
 	rm -rf .venv .venv-* build dist *.egg-info .pytest_cache .ruff_cache .hypothesis

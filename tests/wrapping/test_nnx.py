@@ -145,8 +145,8 @@ def test_orbax_checkpoint_restores_state_bit_exactly(tmp_path):
     ckpt = ocp.StandardCheckpointer()
     ckpt.save(tmp_path / "ckpt", state)
     ckpt.wait_until_finished()
-    fresh = jaxq.quantize_model(Decoder(rngs=nnx.Rngs(5)),
-                                [jaxq.Rule(".*", recipe=R.FP8Delayed(history_length=4))])  # fmt: skip
+    rules = [jaxq.Rule(".*", recipe=R.FP8Delayed(history_length=4))]
+    fresh = jaxq.quantize_model(Decoder(rngs=nnx.Rngs(5)), rules)
     restored = ckpt.restore(tmp_path / "ckpt", nnx.state(fresh))
     nnx.update(fresh, restored)
     for a, b in zip(jax.tree.leaves(nnx.state(q)), jax.tree.leaves(nnx.state(fresh)),
