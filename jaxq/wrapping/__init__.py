@@ -1,8 +1,10 @@
 """Wrapping Flax models for low-precision training: rules matched on module paths.
 
-``jaxq.quantize_model(model, rules)`` returns a copy of an NNX model whose selected layers
-compute with :mod:`jaxq.ops` and a :mod:`jaxq.recipes` recipe; recipe state lives in
-:class:`QuantState` variables. See :mod:`jaxq.wrapping.nnx`.
+``jaxq.quantize_model(model, rules)`` wraps an NNX model (:mod:`jaxq.wrapping.nnx`: a copy
+whose selected layers compute with :mod:`jaxq.ops`, recipe state in :class:`QuantState`
+variables) or a Linen module (:mod:`jaxq.wrapping.linen`: same ``init``/``apply``, recipe
+state in the ``"jaxq"`` collection). Layers are chosen by :class:`Rule` regexes on their
+module paths, first match wins, as in qwix.
 
 Example:
     >>> import jax.numpy as jnp, jaxq
@@ -13,17 +15,35 @@ Example:
     (2, 32)
 """
 
+import flax.linen as nn
+from flax import nnx as _nnx
+
+from jaxq.wrapping.linen import COLLECTION, quantize_linen
 from jaxq.wrapping.nnx import (
     QuantState,
     layers,
-    quantize_model,
+    quantize_nnx,
     unused_rules,
     update_state,
     value_and_grad,
 )
 from jaxq.wrapping.rules import OPS, Rule, match, unused_among
 
+
+def quantize_model(model, rules, *, key=None):
+    """Wraps a Flax NNX module (:func:`quantize_nnx`) or Linen module (:func:`quantize_linen`).
+
+    Raises:
+        TypeError: ``model`` is neither.
+    """
+    if isinstance(model, _nnx.Module):
+        return quantize_nnx(model, rules, key=key)
+    if isinstance(model, nn.Module):
+        return quantize_linen(model, rules, key=key)
+    raise TypeError(f"quantize_model: model must be a Flax NNX or Linen module, got {model!r}")
+
+
 __all__ = [
-    "Rule", "OPS", "match", "unused_among", "unused_rules", "quantize_model", "QuantState",
-    "layers", "update_state", "value_and_grad",
+    "Rule", "OPS", "match", "unused_among", "unused_rules", "quantize_model", "quantize_nnx",
+    "quantize_linen", "COLLECTION", "QuantState", "layers", "update_state", "value_and_grad",
 ]  # fmt: skip

@@ -42,7 +42,7 @@ from jaxq import ops, recipes
 from jaxq.ops.spec import OpState, Recipe
 from jaxq.wrapping.rules import Rule, match, unused_among
 
-__all__ = ["QuantState", "quantize_model", "layers", "value_and_grad", "update_state",
+__all__ = ["QuantState", "quantize_nnx", "layers", "value_and_grad", "update_state",
            "unused_rules"]  # fmt: skip
 
 
@@ -189,7 +189,7 @@ def _init_steps(recipe: Recipe, layer):
     return jax.tree.map(lambda a: a.reshape(stack + a.shape[1:]), steps)
 
 
-def quantize_model(model: nnx.Module, rules, *, key: jax.Array | None = None) -> nnx.Module:
+def quantize_nnx(model: nnx.Module, rules, *, key: jax.Array | None = None) -> nnx.Module:
     """A copy of an NNX model whose selected layers compute with jaxq recipes.
 
     Args:

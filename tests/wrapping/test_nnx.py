@@ -45,7 +45,7 @@ def test_paths_first_match_and_unused_rules():
 @pytest.mark.parametrize(
     "recipe",
     [R.FP8Current(), R.FP8Delayed(history_length=8), R.MXFP8(), R.Int8(), R.NVFP4(),
-     R.FP8Blockwise(block_size=32), R.Ternary()],
+     R.FP8Blockwise(block_size=32)],
     ids=lambda r: r.name,
 )
 def test_output_differs_by_a_quantization_sized_amount(recipe):
