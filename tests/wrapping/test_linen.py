@@ -10,7 +10,8 @@ import pytest
 
 import jaxq
 from jaxq import recipes as R
-from tests.wrapping.linen_models import ResNet, TransformerLM
+
+from .linen_models import ResNet, TransformerLM
 
 TOKENS = jax.random.randint(jax.random.key(0), (2, 17), 0, 256)
 RULES = [jaxq.Rule(r".*head", recipe=None)]

@@ -11,7 +11,8 @@ from flax import nnx
 
 import jaxq
 from jaxq import recipes as R
-from tests.wrapping.gemma_style import Decoder
+
+from .gemma_style import Decoder
 
 TOKENS = jax.random.randint(jax.random.key(0), (2, 17), 0, 256)
 
