@@ -31,7 +31,7 @@ from jax.extend.core import primitives as P
 from jaxq.scaled.array import ScaledArray, expand_scale, is_scaled, scaled, to_scalar_scale
 from jaxq.scaled.registry import _register_builtin
 from jaxq.scaled.rules_elementwise import _wide, common_scale, rescale
-from jaxq.scaled.scales import add_scale, poison
+from jaxq.scaled.scales import add_scale, narrow_range, poison, renormalize
 
 __all__ = ["sqrt_n_scale"]
 
@@ -191,6 +191,9 @@ def _reduce_scale(x, axes):
 def _reduce_sum(x, *, axes, **params):
     x, s = _reduce_scale(x, axes)
     k = sqrt_n_scale(int(np.prod([x.shape[a] for a in axes])))
+    if narrow_range(x.dtype):  # sum in float32, then renormalize before narrowing
+        d = P.reduce_sum_p.bind(x.data.astype(jnp.float32) * (1.0 / k), axes=axes, **params)
+        return scaled(*renormalize(d, s * k, x.dtype))
     d = rescale(ScaledArray.tree_unflatten(None, (x.data, jnp.float32(1.0 / k))), 1.0)
     return scaled(P.reduce_sum_p.bind(d, axes=axes, **params), s * k)
 
@@ -260,8 +263,15 @@ def _dot_general(lhs, rhs, *, dimension_numbers, preferred_element_type=None, **
     )
     if not pre and k > 1:
         d = d * jnp.asarray(1.0 / k, d.dtype)
+    if narrow_range(final):  # the accumulator is float32: renormalize before narrowing
+        return _dot_scale(lhs, rhs, lfree, rfree, len(lb), k, d, final)
     d = d.astype(final)
-    nb, nlf, nrf = len(lb), len(lfree), len(rfree)
+    return _dot_scale(lhs, rhs, lfree, rfree, len(lb), k, d, None)
+
+
+def _dot_scale(lhs, rhs, lfree, rfree, nb, k, d, narrow):
+    """Output of ``dot_general``: scale ``sa * sb * k``, per free-axis blocks kept."""
+    nlf, nrf = len(lfree), len(rfree)
     scale = jnp.float32(k)
     for x, free, pre, post in ((lhs, lfree, nb, nrf), (rhs, rfree, nb + nlf, 0)):
         if is_scaled(x):
@@ -269,6 +279,8 @@ def _dot_general(lhs, rhs, *, dimension_numbers, preferred_element_type=None, **
             if jnp.ndim(s) > 0:
                 s = jnp.reshape(s, [1] * pre + [s.shape[a] for a in free] + [1] * post)
             scale = scale * s
+    if narrow is not None:
+        d, scale = renormalize(d, scale, narrow)
     return scaled(d, poison(scale))
 
 
