@@ -206,6 +206,7 @@ def _apply_rule(eqn: Any, invals: list[Any]) -> list[Any]:
         )
     if not rule.block_scales:
         invals = [to_scalar_scale(x) if is_scaled(x) else x for x in invals]
-    ans = rule.fn(*invals, **eqn.params)
+    extra = {"out_avals": tuple(v.aval for v in eqn.outvars)} if rule.out_avals else {}
+    ans = rule.fn(*invals, **extra, **eqn.params)
     outs = list(ans) if prim.multiple_results else [ans]
     return _check_outputs(eqn, outs)
