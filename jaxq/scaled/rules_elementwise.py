@@ -56,9 +56,11 @@ from jaxq.scaled.registry import _register_builtin
 from jaxq.scaled.scales import (
     add_scale,
     magnitude,
+    narrow_range,
     poison,
     pow2_round,
     pow2_split,
+    renormalize,
     sqrt_split,
 )
 
@@ -309,6 +311,9 @@ def _compare(prim: Any):
 
 def _convert(x, *, new_dtype, **params):
     if jnp.issubdtype(new_dtype, jnp.floating):
+        if narrow_range(new_dtype) and not narrow_range(x.dtype):  # narrowing the range
+            d, s = renormalize(x.data, x.scale, x.dtype)
+            return scaled(P.convert_element_type_p.bind(d, new_dtype=new_dtype, **params), s)
         return scaled(
             P.convert_element_type_p.bind(x.data, new_dtype=new_dtype, **params), x.scale
         )
