@@ -234,7 +234,10 @@ def _fold_except(x, keep_axes):
 
 
 def _narrow_out(dtype) -> bool:
-    return dtype is not None and np.dtype(dtype).itemsize < 4
+    """Accumulate in float32 (and renormalize) only for narrow-range outputs: float16 and
+    FP8 data. bfloat16 keeps JAX's default, which backends accumulate in float32 anyway
+    (and XLA's CPU runtime has no bfloat16 x bfloat16 -> float32 kernel)."""
+    return dtype is not None and narrow_range(dtype)
 
 
 def _dot_general(lhs, rhs, *, dimension_numbers, preferred_element_type=None, **params):
