@@ -39,6 +39,13 @@ def _coerce(x: Any, want_scaled: bool) -> Any:
     return scaled(x, jnp.float32(1.0))
 
 
+def _trivial_to_scalar(x: Any) -> Any:
+    """A step's slice of a per-step scale, ``(1, 1, ...)``, as the scalar scale it is."""
+    if is_scaled(x) and jnp.ndim(x.scale) > 0 and jnp.size(x.scale) == 1:
+        return ScaledArray.tree_unflatten(None, (x.data, jnp.reshape(x.scale, ())))
+    return x
+
+
 def _fixpoint_carry(raw_body, init: list[Any], *extra: Any) -> list[bool]:
     """Which carries are scaled: scaled on entry, or made scaled by the body."""
     flags = [is_scaled(c) for c in init]
@@ -129,7 +136,7 @@ def _scan(*args, jaxpr, length, reverse, unroll, out_avals, **params):
 
     def step_inputs(xsl):
         return [
-            xv if s is None else ScaledArray.tree_unflatten(None, (xv, s))
+            _trivial_to_scalar(xv) if s is None else ScaledArray.tree_unflatten(None, (xv, s))
             for xv, s in zip(xsl, xs_scale, strict=True)
         ]
 

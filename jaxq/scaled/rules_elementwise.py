@@ -110,6 +110,8 @@ def rescale(x: Any, s: jax.Array, dtype: Any = None) -> jax.Array:
         ratio = 1.0 / s
     w = _wide(dtype)
     ratio = jnp.asarray(ratio)
+    if ratio.ndim and ratio.size == 1:  # a single block is a scalar scale
+        ratio = jnp.reshape(ratio, ())
     ratio = ratio if ratio.ndim == 0 else expand_scale(ratio, np.shape(d))
     return _to(_to(d, w) * _to(ratio, w), dtype)
 

@@ -6,8 +6,11 @@ written-out LayerNorm (mean, variance, ``rsqrt``), a fused QKV matmul split with
 at -1e9, an output projection, a GELU MLP and residuals; then a head matmul,
 ``log_softmax``, ``take_along_axis`` of the targets and ``.mean()``.
 
-``make_loss(scan=..., remat=..., cast=...)`` returns ``loss(params, tokens)``; ``cast`` is
-applied to every weight and to the activation entering every matmul (e.g. FP8 casts).
+``make_loss(scan=..., remat=..., cast=..., emb_norm=...)`` returns ``loss(params, tokens)``;
+``cast`` is applied to every weight and to the activation entering every matmul (e.g. FP8
+casts). With ``emb_norm=True`` the gathered embeddings first go through a LayerNorm without
+epsilon or affine (as in BLOOM), which makes the loss exactly invariant to multiplying the
+embedding table by a power of two.
 """
 
 from __future__ import annotations
@@ -52,7 +55,7 @@ def _identity(x, kind):
     return x
 
 
-def make_loss(*, scan: bool = True, remat: bool = False, cast=_identity):
+def make_loss(*, scan: bool = True, remat: bool = False, cast=_identity, emb_norm=False):
     """``loss(params, tokens)``; ``cast(x, kind)`` with kind ``"w"`` or ``"a"``."""
     mask = jnp.tril(jnp.ones((T, T), bool))
 
@@ -75,6 +78,9 @@ def make_loss(*, scan: bool = True, remat: bool = False, cast=_identity):
     def loss(params, toks):
         inp, tgt = toks[:, :-1], toks[:, 1:]
         x = cast(params["emb"], "w")[inp]
+        if emb_norm:
+            xc = x - jnp.mean(x, axis=-1, keepdims=True)
+            x = xc * jax.lax.rsqrt(jnp.mean(xc * xc, axis=-1, keepdims=True))
         layers = {n: params[n] for n in stacked}
         if scan:
             x, _ = jax.lax.scan(lambda c, p: (body(c, p), None), x, layers)
