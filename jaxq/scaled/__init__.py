@@ -4,7 +4,7 @@ A ``ScaledArray`` stores a tensor as ``data * scale`` so that the data stays nea
 range whatever the value's magnitude; ``scalify(fn)`` runs ``fn`` on such tensors by
 interpreting its jaxpr with one rule per primitive (the Scalify scheme of Graphcore,
 extended with per-block scales and rules for everything a transformer training step
-uses). Add or replace rules with :mod:`jaxq.scaled_rules`.
+uses). Add or replace rules with :mod:`jaxq.scaled.rules`.
 
 Example:
     >>> import jax, jax.numpy as jnp
@@ -15,8 +15,8 @@ Example:
     True
 """
 
-from jaxq import scaled_rules  # noqa: E402  (after the rules exist)
 from jaxq.scaled import control as _control  # noqa: F401  (registers rules)
+from jaxq.scaled import rules
 from jaxq.scaled import rules_elementwise as _rules_elementwise  # noqa: F401
 from jaxq.scaled import rules_structural as _rules_structural  # noqa: F401
 from jaxq.scaled.array import (
@@ -41,11 +41,11 @@ from jaxq.scaled.ops import (
     set_scaling,
     stop_scaling,
 )
-from jaxq.scaled.registry import ScalifyRuleError
+from jaxq.scaled.rules import ScalifyRuleError
 from jaxq.scaled.scales import pow2_round
 
 __all__ = [
-    "ScaledArray", "as_scaled_array", "asarray", "is_scaled", "scalify", "scaled_rules",
+    "ScaledArray", "as_scaled_array", "asarray", "is_scaled", "scalify", "rules",
     "ScalifyRuleError", "block_shape", "expand_scale", "to_scalar_scale", "pow2_round",
     "set_scaling", "stop_scaling",
     "dynamic_rescale_l1", "dynamic_rescale_l2", "dynamic_rescale_max",

@@ -24,7 +24,7 @@ from jax.extend.core import primitives as P
 
 from jaxq.scaled.array import ScaledArray, is_scaled, scaled, to_scalar_scale
 from jaxq.scaled.interpreter import eval_closed, eval_jaxpr
-from jaxq.scaled.registry import _register_builtin
+from jaxq.scaled.rules import _register_builtin
 
 __all__ = ["scan_counts"]
 

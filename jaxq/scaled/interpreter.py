@@ -4,7 +4,7 @@ The function is traced once with ``jax.make_jaxpr`` on the *abstract values* of 
 inputs (a ``ScaledArray`` is seen as an array of its data's shape and dtype). The
 interpreter then walks the equations: an equation with no scaled operand is bound as is
 and yields ordinary arrays; one with a scaled operand runs the primitive's rule from
-:mod:`jaxq.scaled.registry`. Control flow (``jit``, ``scan``, ``while``, ``cond``,
+:mod:`jaxq.scaled.rules`. Control flow (``jit``, ``scan``, ``while``, ``cond``,
 ``checkpoint``, ``custom_jvp_call``, ``custom_vjp_call``) is interpreted recursively.
 
 Scale safety: a zero, infinite or NaN scale never propagates silently. A concrete bad
@@ -31,8 +31,14 @@ from jax import core as jcore
 from jax import lax
 from jax.extend import core as jex
 
-from jaxq.scaled.array import block_shape, is_scaled, scaled, to_scalar_scale
-from jaxq.scaled.registry import ScalifyRuleError, get_rule
+from jaxq.scaled.array import (
+    block_shape,
+    install_operator_transform,
+    is_scaled,
+    scaled,
+    to_scalar_scale,
+)
+from jaxq.scaled.rules import ScalifyRuleError, get_rule
 from jaxq.scaled.scales import poison
 
 __all__ = ["scalify", "eval_jaxpr", "eval_closed"]
@@ -201,7 +207,7 @@ def _apply_rule(eqn: Any, invals: list[Any]) -> list[Any]:
     if rule is None:
         raise NotImplementedError(
             f"scalify has no rule for primitive {prim.name!r}, which received a ScaledArray "
-            f"operand; register one with jaxq.scaled_rules.register({prim.name!r}, rule), or "
+            f"operand; register one with jaxq.scaled.rules.register({prim.name!r}, rule), or "
             "unscale the operand first with jaxq.scaled.stop_scaling"
         )
     if not rule.block_scales:
@@ -210,3 +216,6 @@ def _apply_rule(eqn: Any, invals: list[Any]) -> list[Any]:
     ans = rule.fn(*invals, **extra, **eqn.params)
     outs = list(ans) if prim.multiple_results else [ans]
     return _check_outputs(eqn, outs)
+
+
+install_operator_transform(scalify)

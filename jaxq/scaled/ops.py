@@ -42,7 +42,7 @@ from jax.interpreters import batching, mlir
 from jaxq import formats as F
 from jaxq.quantization import cast as _cast_values
 from jaxq.scaled.array import asarray, is_scaled, scaled
-from jaxq.scaled.registry import _register_builtin
+from jaxq.scaled.rules import _register_builtin
 from jaxq.scaled.rules_elementwise import rescale
 from jaxq.scaled.scales import poison, pow2_round, renormalize, scale_ok
 

@@ -52,7 +52,7 @@ from jax import lax
 from jax.extend.core import primitives as P
 
 from jaxq.scaled.array import ScaledArray, expand_scale, is_scaled, scaled
-from jaxq.scaled.registry import _register_builtin
+from jaxq.scaled.rules import _register_builtin
 from jaxq.scaled.scales import (
     add_scale,
     magnitude,

@@ -29,7 +29,7 @@ from jax import lax
 from jax.extend.core import primitives as P
 
 from jaxq.scaled.array import ScaledArray, expand_scale, is_scaled, scaled, to_scalar_scale
-from jaxq.scaled.registry import _register_builtin
+from jaxq.scaled.rules import _register_builtin
 from jaxq.scaled.rules_elementwise import _wide, common_scale, rescale
 from jaxq.scaled.scales import add_scale, narrow_range, poison, renormalize
 

@@ -121,7 +121,8 @@ def test_input_scale_moves_only_scales(fp8_runs, k):
     if k > 0:
         assert _rel(plain_grads["emb"], ref_grads["emb"] * 2.0**-k) > 0.5
     else:
-        assert not np.isfinite(float(plain_loss)) or _rel(plain_grads["wqkv"], ref_grads["wqkv"]) > 0.5
+        broken = not np.isfinite(float(plain_loss))
+        assert broken or _rel(plain_grads["wqkv"], ref_grads["wqkv"]) > 0.5
 
 
 @pytest.mark.parametrize(

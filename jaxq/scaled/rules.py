@@ -1,4 +1,4 @@
-"""The scalify rule registry: one rule per JAX primitive.
+"""The scalify rule registry, ``jaxq.scaled.rules``: one rule per JAX primitive.
 
 A rule is called as ``rule(*args, **params)`` where ``args`` are the primitive's operands
 (``ScaledArray`` where scaled, ordinary arrays otherwise; at least one is scaled) and
