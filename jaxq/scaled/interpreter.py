@@ -78,6 +78,10 @@ def scalify(fn: Callable[..., Any]) -> Callable[..., Any]:
     logistic, erf, ...) see the unscaled value and give a unit-scale output; casts change
     the data's dtype only. ``r(x) = 2^round(log2 x)``. Outputs of equations with no
     scaled operand are ordinary arrays, so ``scalify(fn)`` on plain inputs equals ``fn``.
+    Where data enters float16 or an FP8 format (matmul and sum results, FP8 casts,
+    narrowing conversions), the result is renormalized to unit RMS before the cast, and a
+    plain array multiplying a scaled one brings its magnitude into the scale (see
+    :mod:`jaxq.scaled`).
 
     The returned function is traceable (use it under ``jit``, ``grad``, ``vmap``). Inputs
     must be arrays, ``ScaledArray``s or Python scalars (in any pytree); values that affect
