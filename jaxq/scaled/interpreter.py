@@ -102,9 +102,9 @@ def scalify(fn: Callable[..., Any]) -> Callable[..., Any]:
         >>> x = as_scaled_array(jnp.full((8, 8), 2.0**10, jnp.float16))
         >>> bool(jnp.isinf(x.data @ x.data * 2.0**20).any())  # plain float16 overflows
         True
-        >>> y = scalify(jnp.matmul)(x, x)  # 8 * 2^20: data 2, scale 2^22
+        >>> y = scalify(jnp.matmul)(x, x)  # 8 * 2^20, renormalized to data 1, scale 2^23
         >>> float(y.data[0, 0]), float(y.scale), float(asarray(y, jnp.float32)[0, 0])
-        (2.0, 4194304.0, 8388608.0)
+        (1.0, 8388608.0, 8388608.0)
     """
 
     @functools.wraps(fn)
