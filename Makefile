@@ -7,7 +7,21 @@ VENV ?= $(if $(filter python3,$(PYTHON)),.venv,.venv-$(notdir $(PYTHON)))
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.jaxq-installed
 
-.PHONY: test demo fidelity bench lint clean
+# `make test` runs the suite twice when a Python >= 3.12 exists: with $(PYTHON) (the JAX
+# pinned by what pip picks there, 0.10.2 on 3.11), then with the newest such interpreter
+# (pyenv's 3.13/3.12 first, then python3.13/python3.12 on PATH) and the newest JAX pip
+# gives it, each in a virtualenv of its own.
+PYENV_ROOT ?= $(shell pyenv root 2>/dev/null || echo $$HOME/.pyenv)
+NEWEST_PYTHON ?= $(shell for v in 3.13 3.12; do \
+	p=$$(ls -d $(PYENV_ROOT)/versions/$$v*/bin/python 2>/dev/null | tail -n 1); \
+	test -n "$$p" || p=$$(command -v python$$v 2>/dev/null); \
+	if test -n "$$p" && $$p -c 'import venv' 2>/dev/null; then echo $$p; break; fi; done)
+PYVER = $(shell $(1) -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null)
+NEWEST_VER := $(if $(NEWEST_PYTHON),$(call PYVER,$(NEWEST_PYTHON)))
+SECOND := $(if $(filter-out $(call PYVER,$(PYBIN)),$(NEWEST_VER)),$(NEWEST_PYTHON))
+PYTEST_SUITE = -q -n 2 -m "not fidelity" --doctest-modules tests jaxq kernels
+
+.PHONY: test suite demo fidelity bench lint clean
 
 $(STAMP): pyproject.toml setup.py
 	@test -n "$(PYBIN)" || (echo "cannot find interpreter '$(PYTHON)'" && exit 1)
@@ -21,7 +35,16 @@ lint: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q -n 2 -m "not fidelity" --doctest-modules tests jaxq kernels
+	$(BIN)/python -c 'import jax, sys; print("suite: Python", sys.version.split()[0], "jax", jax.__version__)'
+	$(BIN)/python -m pytest $(PYTEST_SUITE)
+ifneq ($(SECOND),)
+	$(MAKE) --no-print-directory suite PYTHON=$(SECOND) VENV=.venv-python$(NEWEST_VER)
+endif
+
+# the suite alone, in $(VENV) (used by `test` for the second interpreter)
+suite: $(STAMP)
+	$(BIN)/python -c 'import jax, sys; print("suite: Python", sys.version.split()[0], "jax", jax.__version__)'
+	$(BIN)/python -m pytest $(PYTEST_SUITE)
 
 fidelity: $(STAMP)
 	$(BIN)/python -m pytest -q -m "fidelity"

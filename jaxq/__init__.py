@@ -18,7 +18,7 @@ Example:
 
 import importlib
 
-from jaxq import formats, scaled_rules
+from jaxq import formats
 from jaxq.quantization import (
     MSE,
     Absmax,
@@ -62,6 +62,6 @@ __all__ = [
     "formats", "__version__",
     "cast", "quantize", "dequantize", "QArray", "Layout",
     "Absmax", "Percentile", "MSE", "AmaxHistory", "fake_quant", "lsq_quant",
-    "ScaledArray", "scalify", "as_scaled_array", "asarray", "scaled_rules",
+    "ScaledArray", "scalify", "as_scaled_array", "asarray",
     *_FROM, *_LAZY,
 ]  # fmt: skip

@@ -21,16 +21,19 @@ for asymmetric formats; times ``tensor_scale`` for NVFP4), broadcast blockwise.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Literal
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from jaxq import formats as F
 from jaxq.quantization import packing
-from jaxq.quantization.codes import code_dtype
+from jaxq.quantization.cast import pow2
+from jaxq.quantization.codes import code_dtype, decode
 
-__all__ = ["QArray", "Layout"]
+__all__ = ["QArray", "Layout", "dequantize"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -207,8 +210,6 @@ class QArray:
 
     def dequantize(self, dtype=None) -> jax.Array:
         """Same as :func:`jaxq.dequantize`."""
-        from jaxq.quantization.qdq import dequantize
-
         return dequantize(self, dtype)
 
     def __repr__(self) -> str:
@@ -217,3 +218,40 @@ class QArray:
             f"{self.layout.axes or ''}, codes={getattr(self.codes, 'dtype', None)}"
             f"{tuple(getattr(self.codes, 'shape', ()))})"
         )
+
+
+def dequantize(q: QArray, dtype=None) -> jax.Array:
+    """Returns the values a :class:`QArray` represents, as ``dtype`` (default ``q.dtype``).
+
+    Example:
+        >>> import jax.numpy as jnp, jaxq
+        >>> jaxq.dequantize(jaxq.quantize(jnp.array([1.0, -2.0, 0.3]), "e4m3")).tolist()
+        [1.0, -2.0, 0.2857...]
+    """
+    if not isinstance(q, QArray):
+        raise TypeError(f"dequantize expects a jaxq.QArray, got {type(q)!r}")
+    q.validate()
+    return _dequantize_jit(q, dtype=None if dtype is None else np.dtype(dtype))
+
+
+@functools.partial(jax.jit, static_argnames=("dtype",))
+def _dequantize_jit(q: QArray, dtype) -> jax.Array:
+    fmt, layout, shape = q.fmt, q.layout, q.shape
+    elem = fmt.element if isinstance(fmt, F.BlockFormat) else fmt
+    codes = q.codes
+    if elem.bits < 8:
+        codes = packing.unpack(codes, bits=elem.bits, n=shape[-1] if shape else 1)
+    v = decode(codes.reshape(shape), elem).reshape(layout.grouped_shape(shape))
+    gs = layout.group_scale_shape(shape)
+    if isinstance(fmt, F.BlockFormat) and fmt.is_mx:
+        bits = jax.lax.bitcast_convert_type(q.scale, jnp.uint8).astype(jnp.int32).reshape(gs)
+        e = bits - 127
+        v = v * pow2(e // 2) * pow2(e - e // 2)
+        v = jnp.where(bits == 255, jnp.nan, v)
+    elif isinstance(fmt, F.BlockFormat):
+        v = v * q.scale.astype(jnp.float32).reshape(gs) * q.tensor_scale
+    elif q.zero_point is not None:
+        v = (v - q.zero_point.astype(jnp.float32).reshape(gs)) * q.scale.reshape(gs)
+    else:
+        v = v * q.scale.reshape(gs)
+    return v.reshape(shape).astype(q.dtype if dtype is None else dtype)

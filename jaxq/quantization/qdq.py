@@ -48,7 +48,7 @@ from jaxq.quantization.cast import (
     pow2,
 )
 from jaxq.quantization.codes import decode, encode
-from jaxq.quantization.qarray import Layout, QArray
+from jaxq.quantization.qarray import Layout, QArray, dequantize
 
 __all__ = ["quantize", "dequantize", "pow2"]
 
@@ -315,40 +315,3 @@ def _quantize(x, fmt, axis, block_size, calibration, rounding, key, amax) -> QAr
         dtype=np.dtype(x.dtype),
         layout=layout,
     )
-
-
-def dequantize(q: QArray, dtype=None) -> jax.Array:
-    """Returns the values a :class:`QArray` represents, as ``dtype`` (default ``q.dtype``).
-
-    Example:
-        >>> import jax.numpy as jnp, jaxq
-        >>> jaxq.dequantize(jaxq.quantize(jnp.array([1.0, -2.0, 0.3]), "e4m3")).tolist()
-        [1.0, -2.0, 0.2857...]
-    """
-    if not isinstance(q, QArray):
-        raise TypeError(f"dequantize expects a jaxq.QArray, got {type(q)!r}")
-    q.validate()
-    return _dequantize_jit(q, dtype=None if dtype is None else np.dtype(dtype))
-
-
-@functools.partial(jax.jit, static_argnames=("dtype",))
-def _dequantize_jit(q: QArray, dtype) -> jax.Array:
-    fmt, layout, shape = q.fmt, q.layout, q.shape
-    elem = fmt.element if isinstance(fmt, F.BlockFormat) else fmt
-    codes = q.codes
-    if elem.bits < 8:
-        codes = packing.unpack(codes, bits=elem.bits, n=shape[-1] if shape else 1)
-    v = decode(codes.reshape(shape), elem).reshape(layout.grouped_shape(shape))
-    gs = layout.group_scale_shape(shape)
-    if isinstance(fmt, F.BlockFormat) and fmt.is_mx:
-        bits = jax.lax.bitcast_convert_type(q.scale, jnp.uint8).astype(jnp.int32).reshape(gs)
-        e = bits - 127
-        v = v * pow2(e // 2) * pow2(e - e // 2)
-        v = jnp.where(bits == 255, jnp.nan, v)
-    elif isinstance(fmt, F.BlockFormat):
-        v = v * q.scale.astype(jnp.float32).reshape(gs) * q.tensor_scale
-    elif q.zero_point is not None:
-        v = (v - q.zero_point.astype(jnp.float32).reshape(gs)) * q.scale.reshape(gs)
-    else:
-        v = v * q.scale.reshape(gs)
-    return v.reshape(shape).astype(q.dtype if dtype is None else dtype)

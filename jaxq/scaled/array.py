@@ -90,6 +90,18 @@ def expand_scale(scale: jax.Array, shape: tuple[int, ...]) -> jax.Array:
     return x.reshape(shape)
 
 
+# The operators (``a + b``, ``a @ b``, ...) run the matching jnp function under
+# ``jaxq.scaled.scalify``. This module sits below the interpreter in the import graph (the
+# interpreter reads ScaledArrays), so the interpreter installs the transform here when it
+# is imported, with :func:`install_operator_transform`; importing ``jaxq.scaled`` does so.
+_OPERATOR_TRANSFORM: list[Any] = []
+
+
+def install_operator_transform(transform: Any) -> None:
+    """Sets the transform that ``ScaledArray`` operators run under (``scalify``)."""
+    _OPERATOR_TRANSFORM[:] = [transform]
+
+
 @register_pytree_node_class
 class ScaledArray:
     """A tensor represented as ``data * scale``; a JAX pytree with leaves ``(data, scale)``.
@@ -193,9 +205,7 @@ class ScaledArray:
 
     # -- operators: each runs the matching jnp function under scalify --------------------
     def _op(self, fn, *args):
-        from jaxq.scaled.interpreter import scalify
-
-        return scalify(fn)(*args)
+        return _OPERATOR_TRANSFORM[0](fn)(*args)
 
     def __neg__(self):
         return self._op(jnp.negative, self)

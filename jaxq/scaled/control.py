@@ -24,9 +24,9 @@ from jax.extend.core import primitives as P
 
 from jaxq.scaled.array import ScaledArray, is_scaled, scaled, to_scalar_scale
 from jaxq.scaled.interpreter import eval_closed, eval_jaxpr
-from jaxq.scaled.registry import _register_builtin
+from jaxq.scaled.rules import _register_builtin
 
-__all__: list[str] = []
+__all__ = ["scan_counts"]
 
 
 def _coerce(x: Any, want_scaled: bool) -> Any:
@@ -37,6 +37,13 @@ def _coerce(x: Any, want_scaled: bool) -> Any:
         x = to_scalar_scale(x)
         return ScaledArray.tree_unflatten(None, (x.data, jnp.reshape(x.scale, ())))
     return scaled(x, jnp.float32(1.0))
+
+
+def _trivial_to_scalar(x: Any) -> Any:
+    """A step's slice of a per-step scale, ``(1, 1, ...)``, as the scalar scale it is."""
+    if is_scaled(x) and jnp.ndim(x.scale) > 0 and jnp.size(x.scale) == 1:
+        return ScaledArray.tree_unflatten(None, (x.data, jnp.reshape(x.scale, ())))
+    return x
 
 
 def _fixpoint_carry(raw_body, init: list[Any], *extra: Any) -> list[bool]:
@@ -66,20 +73,52 @@ def _remat(*args, jaxpr, prevent_cse=True, policy=None, **params):
     return fn(*args)
 
 
-def _scan_counts(params: dict) -> tuple[int, int]:
-    """``(num_consts, num_carry)`` of a scan equation, from either parameter convention.
+def _shape(x: Any) -> tuple[int, ...]:
+    return tuple(x.shape)
 
-    JAX up to 0.10 names the counts; later versions describe the operands as a flat tree
-    ``ft_in = (consts, carry, xs)``, whose parts list their leaves in ``.vals``.
+
+def _leading_matches(got: Any, want: Any) -> int:
+    """Number of leading positions where the shapes in ``got`` and ``want`` agree."""
+    n = 0
+    for g, w in zip(got, want, strict=False):
+        if _shape(g) != _shape(w):
+            break
+        n += 1
+    return n
+
+
+def scan_counts(args: Any, out_avals: Any, jaxpr: Any) -> tuple[int, int]:
+    """``(num_consts, num_carry)`` of a scan equation, from public structure only.
+
+    A scan's operands are ``consts + carry + xs`` and its results ``carry + ys``; the body
+    takes ``consts + carry + x`` and returns ``carry + y``. Consts and carries have the
+    body's shapes, stacked ``xs``/``ys`` have one more (leading, ``length``) axis, so the
+    leading operands whose shapes equal the body's inputs are ``consts + carry``, and the
+    leading results whose shapes equal the body's outputs are the carries. Exact for
+    every scan, and the same on every JAX version (JAX up to 0.10 also names the counts
+    ``num_consts``/``num_carry``; later versions keep them in a private operand tree).
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> f = lambda c, xs, k: jax.lax.scan(lambda c, x: (c * k + x, c), c, xs)
+        >>> closed = jax.make_jaxpr(f)(1.0, jnp.ones(3), 2.0)
+        >>> eqn = closed.jaxpr.eqns[-1]
+        >>> scan_counts([v.aval for v in eqn.invars], [v.aval for v in eqn.outvars],
+        ...             eqn.params["jaxpr"])
+        (1, 1)
     """
-    if "num_consts" in params:
-        return params["num_consts"], params["num_carry"]
-    consts, carry, _ = params["ft_in"].elts
-    return len(list(consts.vals)), len(list(carry.vals))
+    num_carry = _leading_matches(out_avals, jaxpr.out_avals)
+    num_leading = _leading_matches(args, jaxpr.in_avals)
+    if num_leading < num_carry:
+        raise ValueError(
+            f"scan equation with operand shapes {[_shape(a) for a in args]} does not match "
+            f"its body's input shapes {[_shape(a) for a in jaxpr.in_avals]}"
+        )
+    return num_leading - num_carry, num_carry
 
 
-def _scan(*args, jaxpr, length, reverse, unroll, **params):
-    num_consts, num_carry = _scan_counts(params)
+def _scan(*args, jaxpr, length, reverse, unroll, out_avals, **params):
+    num_consts, num_carry = scan_counts(args, out_avals, jaxpr)
     consts = args[:num_consts]
     init = list(args[num_consts : num_consts + num_carry])
     xs = args[num_consts + num_carry :]
@@ -97,7 +136,7 @@ def _scan(*args, jaxpr, length, reverse, unroll, **params):
 
     def step_inputs(xsl):
         return [
-            xv if s is None else ScaledArray.tree_unflatten(None, (xv, s))
+            _trivial_to_scalar(xv) if s is None else ScaledArray.tree_unflatten(None, (xv, s))
             for xv, s in zip(xsl, xs_scale, strict=True)
         ]
 
@@ -165,7 +204,7 @@ def _register() -> None:
     _register_builtin(P.custom_jvp_call_p, _call("call_jaxpr"), block_scales=True)
     _register_builtin(P.custom_vjp_call_p, _call("call_jaxpr"), block_scales=True)
     _register_builtin(P.remat_p, _remat, block_scales=True)
-    _register_builtin(P.scan_p, _scan, block_scales=True)
+    _register_builtin(P.scan_p, _scan, block_scales=True, out_avals=True)
     _register_builtin(P.while_p, _while)
     _register_builtin(P.cond_p, _cond)
 

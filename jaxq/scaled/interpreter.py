@@ -4,7 +4,7 @@ The function is traced once with ``jax.make_jaxpr`` on the *abstract values* of 
 inputs (a ``ScaledArray`` is seen as an array of its data's shape and dtype). The
 interpreter then walks the equations: an equation with no scaled operand is bound as is
 and yields ordinary arrays; one with a scaled operand runs the primitive's rule from
-:mod:`jaxq.scaled.registry`. Control flow (``jit``, ``scan``, ``while``, ``cond``,
+:mod:`jaxq.scaled.rules`. Control flow (``jit``, ``scan``, ``while``, ``cond``,
 ``checkpoint``, ``custom_jvp_call``, ``custom_vjp_call``) is interpreted recursively.
 
 Scale safety: a zero, infinite or NaN scale never propagates silently. A concrete bad
@@ -31,8 +31,14 @@ from jax import core as jcore
 from jax import lax
 from jax.extend import core as jex
 
-from jaxq.scaled.array import block_shape, is_scaled, scaled, to_scalar_scale
-from jaxq.scaled.registry import ScalifyRuleError, get_rule
+from jaxq.scaled.array import (
+    block_shape,
+    install_operator_transform,
+    is_scaled,
+    scaled,
+    to_scalar_scale,
+)
+from jaxq.scaled.rules import ScalifyRuleError, get_rule
 from jaxq.scaled.scales import poison
 
 __all__ = ["scalify", "eval_jaxpr", "eval_closed"]
@@ -72,6 +78,10 @@ def scalify(fn: Callable[..., Any]) -> Callable[..., Any]:
     logistic, erf, ...) see the unscaled value and give a unit-scale output; casts change
     the data's dtype only. ``r(x) = 2^round(log2 x)``. Outputs of equations with no
     scaled operand are ordinary arrays, so ``scalify(fn)`` on plain inputs equals ``fn``.
+    Where data enters float16 or an FP8 format (matmul and sum results, FP8 casts,
+    narrowing conversions), the result is renormalized to unit RMS before the cast, and a
+    plain array multiplying a scaled one brings its magnitude into the scale (see
+    :mod:`jaxq.scaled`).
 
     The returned function is traceable (use it under ``jit``, ``grad``, ``vmap``). Inputs
     must be arrays, ``ScaledArray``s or Python scalars (in any pytree); values that affect
@@ -92,9 +102,9 @@ def scalify(fn: Callable[..., Any]) -> Callable[..., Any]:
         >>> x = as_scaled_array(jnp.full((8, 8), 2.0**10, jnp.float16))
         >>> bool(jnp.isinf(x.data @ x.data * 2.0**20).any())  # plain float16 overflows
         True
-        >>> y = scalify(jnp.matmul)(x, x)  # 8 * 2^20: data 2, scale 2^22
+        >>> y = scalify(jnp.matmul)(x, x)  # 8 * 2^20, renormalized to data 1, scale 2^23
         >>> float(y.data[0, 0]), float(y.scale), float(asarray(y, jnp.float32)[0, 0])
-        (2.0, 4194304.0, 8388608.0)
+        (1.0, 8388608.0, 8388608.0)
     """
 
     @functools.wraps(fn)
@@ -201,11 +211,15 @@ def _apply_rule(eqn: Any, invals: list[Any]) -> list[Any]:
     if rule is None:
         raise NotImplementedError(
             f"scalify has no rule for primitive {prim.name!r}, which received a ScaledArray "
-            f"operand; register one with jaxq.scaled_rules.register({prim.name!r}, rule), or "
+            f"operand; register one with jaxq.scaled.rules.register({prim.name!r}, rule), or "
             "unscale the operand first with jaxq.scaled.stop_scaling"
         )
     if not rule.block_scales:
         invals = [to_scalar_scale(x) if is_scaled(x) else x for x in invals]
-    ans = rule.fn(*invals, **eqn.params)
+    extra = {"out_avals": tuple(v.aval for v in eqn.outvars)} if rule.out_avals else {}
+    ans = rule.fn(*invals, **extra, **eqn.params)
     outs = list(ans) if prim.multiple_results else [ans]
     return _check_outputs(eqn, outs)
+
+
+install_operator_transform(scalify)

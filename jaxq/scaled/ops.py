@@ -14,7 +14,9 @@ rounds values to the format. Under scalify they act on the representation:
   ``x`` unchanged. ``dynamic_rescale_*_grad(x)`` is the identity forward and applies the
   same rescaling to the gradient.
 * ``cast_on_forward(x, fmt)``: rounds the *data* onto ``fmt``'s grid (``jaxq.cast``,
-  round-to-nearest-even, saturating); gradient passes straight through.
+  round-to-nearest-even, saturating) after renormalizing it to unit RMS (the scale takes
+  ``r(rms)``, the value is unchanged), so nothing flushes or saturates because an earlier
+  rule left the data off unit range; gradient passes straight through.
   ``cast_on_backward(x, fmt)``: identity forward, the gradient's data is cast.
 
 Example:
@@ -40,9 +42,9 @@ from jax.interpreters import batching, mlir
 from jaxq import formats as F
 from jaxq.quantization import cast as _cast_values
 from jaxq.scaled.array import asarray, is_scaled, scaled
-from jaxq.scaled.registry import _register_builtin
+from jaxq.scaled.rules import _register_builtin
 from jaxq.scaled.rules_elementwise import rescale
-from jaxq.scaled.scales import poison, pow2_round, scale_ok
+from jaxq.scaled.scales import poison, pow2_round, renormalize, scale_ok
 
 __all__ = [
     "set_scaling",
@@ -133,7 +135,9 @@ def _div_data(d: jax.Array, r: jax.Array) -> jax.Array:
 
 
 def _cast_rule(x, *, fmt):
-    return scaled(_cast_values(x.data, fmt), x.scale)
+    # the format's range is narrow: bring the data to unit RMS first (value unchanged)
+    d, s = renormalize(x.data, x.scale, x.dtype)
+    return scaled(_cast_values(d, fmt), s)
 
 
 _register_builtin(set_scaling_p, _set_scaling_rule)

@@ -4,11 +4,15 @@ Notation: an operand is ``x = d * s`` (data ``d``, scale ``s``); ``r`` rounds to
 of two (:func:`jaxq.scaled.scales.pow2_round`). Plain (unscaled) operands are promoted:
 
 * in ``add``/``sub``: a plain *scalar* ``c`` contributes its magnitude ``r(|c|)`` to the
-  output scale (zero contributes nothing); a plain *array* takes the scaled operand's
-  scale (it is a constant such as a zero fill, and should not move the scale);
+  output scale (zero contributes nothing); a plain *array* contributes ``r(max|c|)``
+  likewise (a zero fill contributes nothing, so it does not move the scale);
 * in ``mul``/``div``: a plain scalar ``c = m * 2^k`` moves ``2^k`` into the scale and ``m``
   into the data, with ``|m|`` in [0.5, 1) for a factor and [1, 2) for a divisor so that the
-  data never grows (no overflow at the top of the range); a plain array multiplies the data;
+  data never grows (no overflow at the top of the range); a plain floating array moves
+  ``r(max|c|)`` into the scale and multiplies the data by ``c / r(max|c|)``. This is where
+  the loss's cotangent enters the scaled world: ``value_and_grad`` seeds a plain ``1.0``
+  that the mean's transpose turns into a plain ``-1/N`` array, and its ``1/N`` belongs in
+  the scale, not in float16 or FP8 data;
 * in selection-like ops (``max``, ``min``, ``select_n``, ``clamp``, comparisons) every
   operand is expressed in the common scale ``max(s_i)`` of the scaled operands.
 
@@ -48,8 +52,17 @@ from jax import lax
 from jax.extend.core import primitives as P
 
 from jaxq.scaled.array import ScaledArray, expand_scale, is_scaled, scaled
-from jaxq.scaled.registry import _register_builtin
-from jaxq.scaled.scales import add_scale, poison, pow2_round, pow2_split, sqrt_split
+from jaxq.scaled.rules import _register_builtin
+from jaxq.scaled.scales import (
+    add_scale,
+    magnitude,
+    narrow_range,
+    poison,
+    pow2_round,
+    pow2_split,
+    renormalize,
+    sqrt_split,
+)
 
 __all__ = ["rescale", "common_scale", "check_blocks", "value_of", "NONLINEAR"]
 
@@ -97,6 +110,8 @@ def rescale(x: Any, s: jax.Array, dtype: Any = None) -> jax.Array:
         ratio = 1.0 / s
     w = _wide(dtype)
     ratio = jnp.asarray(ratio)
+    if ratio.ndim and ratio.size == 1:  # a single block is a scalar scale
+        ratio = jnp.reshape(ratio, ())
     ratio = ratio if ratio.ndim == 0 else expand_scale(ratio, np.shape(d))
     return _to(_to(d, w) * _to(ratio, w), dtype)
 
@@ -137,20 +152,40 @@ def _add_like(prim: Any):
             s = add_scale(a.scale, b.scale)
         else:
             x, c = (a, b) if is_scaled(a) else (b, a)
-            s = add_scale(x.scale, _plain_magnitude(c)) if _is_scalar(c) else x.scale
+            s = add_scale(x.scale, _plain_magnitude(c) if _is_scalar(c) else _array_magnitude(c))
         dtype = _dtype_of(a) if is_scaled(a) else _dtype_of(b)
         return scaled(prim.bind(rescale(a, s, dtype), rescale(b, s, dtype), **params), s)
 
     return rule
 
 
+def _array_magnitude(c: Any) -> jax.Array:
+    """``r(max|c|)`` of a plain array, 0 when that is zero or not finite."""
+    c = jnp.asarray(c)
+    if not jnp.issubdtype(c.dtype, jnp.floating) or c.size == 0:
+        return jnp.float32(0)
+    m = jnp.max(lax.abs(_to(c, np.dtype(np.float32))))
+    ok = lax.is_finite(m) & (m >= np.float32(np.finfo(np.float32).tiny))
+    return lax.select(ok, pow2_round(lax.select(ok, m, 1.0)), jnp.float32(0))
+
+
 # -- mul / div -------------------------------------------------------------------------
 def _as_factor(c: Any, dtype: Any, grow: bool = False) -> tuple[jax.Array, jax.Array]:
-    """A plain operand of mul/div as (data factor, scale factor)."""
+    """A plain operand of mul/div as (data factor, scale factor).
+
+    A scalar ``c = m * 2^k`` gives ``(m, 2^k)``; an array gives ``(c / r, r)`` with
+    ``r = r(max|c|)``, so a plain array such as the ``-1/N`` cotangent of a mean enters
+    the scale instead of shrinking the data.
+    """
     if _is_scalar(c):
         m, k = pow2_split(c, grow=grow)
         return m.astype(dtype), k
-    return jnp.asarray(c).astype(dtype), jnp.float32(1.0)
+    c = jnp.asarray(c)
+    if not jnp.issubdtype(c.dtype, jnp.floating):
+        return c.astype(dtype), jnp.float32(1.0)
+    r = magnitude(c)
+    w = _wide(c.dtype)
+    return (_to(c, w) * _to(1.0 / r, w)).astype(dtype), r
 
 
 def _mul(a, b, **params):
@@ -160,7 +195,7 @@ def _mul(a, b, **params):
     x, c = (a, b) if is_scaled(a) else (b, a)
     m, k = _as_factor(c, x.dtype)
     d = P.mul_p.bind(x.data, m, **params) if is_scaled(a) else P.mul_p.bind(m, x.data, **params)
-    return scaled(d, poison(x.scale * k) if _is_scalar(c) else x.scale)
+    return scaled(d, poison(x.scale * k))
 
 
 def _div(a, b, **params):
@@ -278,6 +313,9 @@ def _compare(prim: Any):
 
 def _convert(x, *, new_dtype, **params):
     if jnp.issubdtype(new_dtype, jnp.floating):
+        if narrow_range(new_dtype) and not narrow_range(x.dtype):  # narrowing the range
+            d, s = renormalize(x.data, x.scale, x.dtype)
+            return scaled(P.convert_element_type_p.bind(d, new_dtype=new_dtype, **params), s)
         return scaled(
             P.convert_element_type_p.bind(x.data, new_dtype=new_dtype, **params), x.scale
         )

@@ -29,9 +29,9 @@ from jax import lax
 from jax.extend.core import primitives as P
 
 from jaxq.scaled.array import ScaledArray, expand_scale, is_scaled, scaled, to_scalar_scale
-from jaxq.scaled.registry import _register_builtin
+from jaxq.scaled.rules import _register_builtin
 from jaxq.scaled.rules_elementwise import _wide, common_scale, rescale
-from jaxq.scaled.scales import add_scale, poison
+from jaxq.scaled.scales import add_scale, narrow_range, poison, renormalize
 
 __all__ = ["sqrt_n_scale"]
 
@@ -122,6 +122,105 @@ def _slice(x, *, start_indices, limit_indices, strides):
     return scaled(d, lax.slice(x.scale, starts, limits))
 
 
+# -- per-block scales through reshape, gather and concatenate ----------------------------
+def _segments(old: tuple[int, ...], new: tuple[int, ...]):
+    """Pairs of axis ranges ``(old[i:j], new[k:l])`` with equal products, in order."""
+    i = k = 0
+    while i < len(old) or k < len(new):
+        j, m, po, pn = i, k, 1, 1
+        while True:
+            if po == pn and (j > i or m > k) and (po != 1 or j == len(old) or m == len(new)):
+                break
+            if (po <= pn and j < len(old)) or m == len(new):
+                po, j = po * old[j], j + 1
+            else:
+                pn, m = pn * new[m], m + 1
+        yield range(i, j), range(k, m)
+        i, k = j, m
+
+
+def _segment_scale(n, sc, m):
+    """Scale dims for new axes ``m`` of one reshape segment with old axes ``n``, scale ``sc``;
+    None when the segment's blocks are not contiguous in the new axes."""
+    var = [a for a in range(len(n)) if sc[a] != 1]
+    if not var:
+        return [1] * len(m)
+    i = var[-1]
+    if any(sc[a] != n[a] for a in range(i)):  # axes before i: one block per element
+        return None
+    f = (n[i] // sc[i]) * int(np.prod(n[i + 1 :]))  # flattened block length
+    for t in range(len(m) - 1, -1, -1):
+        tail = int(np.prod(m[t + 1 :]))
+        if f % tail == 0 and m[t] % (f // tail) == 0:
+            return [*m[:t], m[t] // (f // tail), *[1] * (len(m) - t - 1)]
+        if tail > f:
+            break
+    return None
+
+
+def _reshape(x, *dyn, new_sizes, dimensions, **params):
+    def plain(x):
+        return scaled(P.reshape_p.bind(x.data, *dyn, new_sizes=new_sizes,
+                                       dimensions=dimensions, **params), x.scale)  # fmt: skip
+
+    if not _is_blocked(x) or dimensions is not None or dyn or x.size == 0:
+        return plain(to_scalar_scale(_scalar_if_trivial(x)))
+    old, sc, new = x.shape, _scale_shape(x), tuple(new_sizes)
+    shape = []
+    for a, b in _segments(old, new):
+        seg = _segment_scale([old[i] for i in a], [sc[i] for i in a], [new[i] for i in b])
+        if seg is None:
+            return plain(to_scalar_scale(x))
+        shape += seg
+    out = plain(x)
+    return scaled(out.data, jnp.reshape(x.scale, shape))
+
+
+def _gather(x, indices, *, dimension_numbers, slice_sizes, mode, fill_value, **params):
+    def bind(operand, sizes, fill):
+        return P.gather_p.bind(operand, indices, dimension_numbers=dimension_numbers,
+                               slice_sizes=sizes, mode=mode, fill_value=fill, **params)  # fmt: skip
+
+    x = _scalar_if_trivial(x)
+    if not _is_blocked(x):
+        return scaled(bind(x.data, slice_sizes, fill_value), x.scale)
+    sc, sizes = _scale_shape(x), []
+    for n, s, k in zip(x.shape, sc, slice_sizes, strict=True):
+        if k == n:  # taken whole: its blocks come along
+            sizes.append(s)
+        elif s in (1, n):  # sliced: one scale per element there (broadcast a trivial one)
+            sizes.append(k)
+        else:
+            x = to_scalar_scale(x)
+            return scaled(bind(x.data, slice_sizes, fill_value), x.scale)
+    trip = zip(x.shape, sc, slice_sizes, strict=True)
+    full = [n if (k != n and s == 1) else s for n, s, k in trip]
+    scale = jnp.broadcast_to(x.scale, full)
+    fill = None if fill_value is None else 1.0
+    return scaled(bind(x.data, tuple(slice_sizes), fill_value), bind(scale, tuple(sizes), fill))
+
+
+def _concatenate(*ops, dimension):
+    blocked = [o for o in ops if _is_blocked(o)]
+    blocks = {o.block_shape for o in blocked}
+    shapes = [o.shape if is_scaled(o) else np.shape(o) for o in ops]
+    if len(blocks) == 1:
+        (b,) = blocks
+        if all(d % n == 0 for sh in shapes for d, n in zip(sh, b, strict=True)):
+            dtype = blocked[0].dtype
+            datas, scales = [], []
+            for o, sh in zip(ops, shapes, strict=True):
+                o = o if is_scaled(o) else scaled(jnp.asarray(o, dtype), jnp.float32(1.0))
+                datas.append(o.data.astype(dtype))
+                grid = [d // n for d, n in zip(sh, b, strict=True)]
+                scales.append(jnp.broadcast_to(o.scale, grid))
+            return scaled(
+                lax.concatenate(datas, dimension), lax.concatenate(scales, dimension)
+            )
+    ops = [to_scalar_scale(o) if is_scaled(o) else o for o in ops]
+    return _common(P.concatenate_p)(*ops, dimension=dimension)
+
+
 def _common(prim, n_scaled_first: int | None = None):
     """Rule for ops combining operands in a common scale; operands after
     ``n_scaled_first`` (indices) pass through unchanged."""
@@ -191,6 +290,9 @@ def _reduce_scale(x, axes):
 def _reduce_sum(x, *, axes, **params):
     x, s = _reduce_scale(x, axes)
     k = sqrt_n_scale(int(np.prod([x.shape[a] for a in axes])))
+    if narrow_range(x.dtype):  # sum in float32, then renormalize before narrowing
+        d = P.reduce_sum_p.bind(x.data.astype(jnp.float32) * (1.0 / k), axes=axes, **params)
+        return scaled(*renormalize(d, s * k, x.dtype))
     d = rescale(ScaledArray.tree_unflatten(None, (x.data, jnp.float32(1.0 / k))), 1.0)
     return scaled(P.reduce_sum_p.bind(d, axes=axes, **params), s * k)
 
@@ -231,7 +333,10 @@ def _fold_except(x, keep_axes):
 
 
 def _narrow_out(dtype) -> bool:
-    return dtype is not None and np.dtype(dtype).itemsize < 4
+    """Accumulate in float32 (and renormalize) only for narrow-range outputs: float16 and
+    FP8 data. bfloat16 keeps JAX's default, which backends accumulate in float32 anyway
+    (and XLA's CPU runtime has no bfloat16 x bfloat16 -> float32 kernel)."""
+    return dtype is not None and narrow_range(dtype)
 
 
 def _dot_general(lhs, rhs, *, dimension_numbers, preferred_element_type=None, **params):
@@ -260,8 +365,15 @@ def _dot_general(lhs, rhs, *, dimension_numbers, preferred_element_type=None, **
     )
     if not pre and k > 1:
         d = d * jnp.asarray(1.0 / k, d.dtype)
+    if narrow_range(final):  # the accumulator is float32: renormalize before narrowing
+        return _dot_scale(lhs, rhs, lfree, rfree, len(lb), k, d, final)
     d = d.astype(final)
-    nb, nlf, nrf = len(lb), len(lfree), len(rfree)
+    return _dot_scale(lhs, rhs, lfree, rfree, len(lb), k, d, None)
+
+
+def _dot_scale(lhs, rhs, lfree, rfree, nb, k, d, narrow):
+    """Output of ``dot_general``: scale ``sa * sb * k``, per free-axis blocks kept."""
+    nlf, nrf = len(lfree), len(rfree)
     scale = jnp.float32(k)
     for x, free, pre, post in ((lhs, lfree, nb, nrf), (rhs, rfree, nb + nlf, 0)):
         if is_scaled(x):
@@ -269,6 +381,8 @@ def _dot_general(lhs, rhs, *, dimension_numbers, preferred_element_type=None, **
             if jnp.ndim(s) > 0:
                 s = jnp.reshape(s, [1] * pre + [s.shape[a] for a in free] + [1] * post)
             scale = scale * s
+    if narrow is not None:
+        d, scale = renormalize(d, scale, narrow)
     return scaled(d, poison(scale))
 
 
@@ -297,14 +411,16 @@ def _top_k(x, **params):
 
 
 def _register() -> None:
-    for p in (P.reshape_p, P.dynamic_slice_p, P.gather_p, lax.split_p, P.sharding_constraint_p):
+    for p in (P.dynamic_slice_p, lax.split_p, P.sharding_constraint_p):
         _register_builtin(p, _bind_keep(p))
+    _register_builtin(P.reshape_p, _reshape, block_scales=True)
+    _register_builtin(P.gather_p, _gather, block_scales=True)
     _register_builtin(P.transpose_p, _transpose, block_scales=True)
     _register_builtin(P.squeeze_p, _squeeze, block_scales=True)
     _register_builtin(P.rev_p, _rev, block_scales=True)
     _register_builtin(P.broadcast_in_dim_p, _broadcast_in_dim, block_scales=True)
     _register_builtin(P.slice_p, _slice, block_scales=True)
-    _register_builtin(P.concatenate_p, _common(P.concatenate_p))
+    _register_builtin(P.concatenate_p, _concatenate, block_scales=True)
     _register_builtin(P.pad_p, _pad)
     _register_builtin(P.scatter_p, _scatter_common(P.scatter_p))
     _register_builtin(P.scatter_add_p, _scatter_add)

@@ -22,7 +22,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-__all__ = ["pow2_round", "add_scale", "sqrt_split", "scale_ok", "poison", "pow2_split"]
+__all__ = [
+    "pow2_round", "add_scale", "sqrt_split", "scale_ok", "poison", "pow2_split", "renormalize",
+    "magnitude", "narrow_range",
+]  # fmt: skip
 
 _MANT_BITS = 23
 _EXP_MASK = 0xFF
@@ -149,3 +152,69 @@ def poison(s: jax.Array) -> jax.Array:
     """
     s = _f32(s)
     return lax.select(scale_ok(s), s, lax.full_like(s, np.nan))
+
+
+def magnitude(x: jax.Array) -> jax.Array:
+    """``r(max|x|)`` of a plain array as a float32 power of two; 1 where that is 0 or not finite.
+
+    The scale a plain operand brings into the scaled world: ``x / magnitude(x)`` has its
+    largest magnitude in ``[2^-0.5, 2^0.5)``, so a constant such as the ``1/N`` of a mean's
+    cotangent moves into the scale instead of shrinking the data.
+
+    Example:
+        >>> float(magnitude(jnp.full((3,), -1.0 / 64)))
+        0.015625
+    """
+    x = jnp.asarray(x)
+    m = jnp.max(lax.abs(_f32(x))) if x.size else jnp.float32(0)
+    ok = lax.is_finite(m) & (m >= np.float32(np.finfo(np.float32).tiny))
+    return lax.stop_gradient(lax.select(ok, pow2_round(lax.select(ok, m, 1.0)), 1.0))
+
+
+def renormalize(d: jax.Array, s: jax.Array, dtype: Any) -> tuple[jax.Array, jax.Array]:
+    """Moves the RMS of wide data into the scale, then narrows: ``(d / r, s * r)``.
+
+    ``r = r(sqrt(mean(d^2)))`` (a power of two, so the division is exact); a zero or
+    non-finite RMS gives ``r = 1``. ``d`` is the float32 (or wider) result of a rule,
+    computed *before* the cast to the narrow data ``dtype``, so that values the static
+    scale rule placed too low (or too high) are brought back to unit range instead of
+    flushing to zero (or overflowing) in that cast. The value ``d * s`` is unchanged.
+
+    Args:
+        d: data in a wide dtype (any shape).
+        s: its scale (scalar or per-block).
+        dtype: the dtype of the returned data.
+
+    Returns:
+        ``(data, scale)`` with ``data.dtype == dtype`` and ``data * scale == d * s``.
+
+    Example:
+        >>> d, s = renormalize(jnp.full((4,), 2.0**-20), jnp.float32(8.0), jnp.float16)
+        >>> float(d[0]), float(s)
+        (1.0, 7.62939453125e-06)
+    """
+    w = _f32(d) if np.dtype(d.dtype).itemsize < 4 else d
+    if w.size == 0:
+        return d.astype(dtype), s
+    ms = jnp.mean(lax.square(w), dtype=jnp.float32)
+    ok = lax.is_finite(ms) & (ms >= np.float32(np.finfo(np.float32).tiny))
+    r = lax.stop_gradient(lax.select(ok, pow2_round(lax.sqrt(lax.select(ok, ms, 1.0))), 1.0))
+    r = lax.select(scale_ok(r), r, jnp.float32(1.0))
+    return (w * (1.0 / r).astype(w.dtype)).astype(dtype), poison(s * r)
+
+
+def narrow_range(dtype: Any) -> bool:
+    """True for floating dtypes whose exponent range is narrower than float32's.
+
+    float16 and the FP8/FP6/FP4 formats: a value that a scale rule places a few binades
+    off unit range flushes to zero or overflows there, so rules renormalize before
+    casting to them. bfloat16, float32 and float64 share float32's range or exceed it.
+
+    Example:
+        >>> narrow_range(jnp.float16), narrow_range(jnp.bfloat16)
+        (True, False)
+    """
+    try:
+        return bool(jnp.finfo(dtype).maxexp < 128)
+    except ValueError:
+        return False

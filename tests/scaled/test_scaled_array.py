@@ -9,7 +9,6 @@ import optax
 import pytest
 from jax import lax
 
-from jaxq import scaled_rules
 from jaxq.formats import E4M3
 from jaxq.scaled import (
     ScaledArray,
@@ -29,6 +28,7 @@ from jaxq.scaled import (
     set_scaling,
     stop_scaling,
 )
+from jaxq.scaled import rules as scaled_rules
 
 RNG = np.random.default_rng(1)
 

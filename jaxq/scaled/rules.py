@@ -1,4 +1,4 @@
-"""The scalify rule registry: one rule per JAX primitive.
+"""The scalify rule registry, ``jaxq.scaled.rules``: one rule per JAX primitive.
 
 A rule is called as ``rule(*args, **params)`` where ``args`` are the primitive's operands
 (``ScaledArray`` where scaled, ordinary arrays otherwise; at least one is scaled) and
@@ -40,10 +40,14 @@ class Rule:
         block_scales: whether ``fn`` accepts ``ScaledArray`` operands with per-block
             scales. When False the interpreter first re-expresses such operands with a
             scalar scale (:func:`jaxq.scaled.array.to_scalar_scale`).
+        out_avals: whether ``fn`` also receives ``out_avals=``, the tuple of the
+            equation's output abstract values (shape and dtype of each result), for
+            rules that must tell a primitive's operand groups apart from shapes alone.
     """
 
     fn: Callable[..., Any]
     block_scales: bool = False
+    out_avals: bool = False
 
 
 _RULES: dict[str, Rule] = {}
@@ -95,9 +99,11 @@ def register(
     _RULES[name] = Rule(rule, block_scales)
 
 
-def _register_builtin(primitive: Any, rule: Callable[..., Any], *, block_scales: bool = False):
+def _register_builtin(
+    primitive: Any, rule: Callable[..., Any], *, block_scales: bool = False, out_avals=False
+):
     name = _name(primitive)
-    _RULES[name] = _BUILTIN[name] = Rule(rule, block_scales)
+    _RULES[name] = _BUILTIN[name] = Rule(rule, block_scales, out_avals)
 
 
 def restore(primitive: Any) -> None:
