@@ -100,7 +100,11 @@ def quantized_apply(graphdef, params, recipe, state, steps, inputs):
 def make_quantized_train_step(graphdef, optimizer: optax.GradientTransformation, recipe,
                               *, donate: bool = True):  # fmt: skip
     """A jitted ``(trainable, opt_state, state, inputs, targets) -> (trainable, opt_state,
-    state, loss)`` where ``trainable = {"params": ..., "steps": ...}``."""
+    state, loss)`` where ``trainable = {"params": ..., "steps": ...}``.
+
+    The optimizer sees the learned steps like any parameter: exclude them from weight
+    decay (e.g. ``optax.adamw(..., mask=...)``) where that matters.
+    """
     from jaxq.models.train import cross_entropy
 
     def loss_fn(trainable, state, inputs, targets):
@@ -119,13 +123,14 @@ def make_quantized_train_step(graphdef, optimizer: optax.GradientTransformation,
 
 
 def quantized_window_losses(graphdef, params, recipe, state, steps) -> Any:
-    """A jitted ``(inputs, targets) -> per-window mean loss`` of the quantized model."""
+    """A ``(inputs, targets) -> per-window mean loss`` of the quantized model (jitted, with
+    the parameters as arguments rather than constants)."""
 
     @jax.jit
-    def f(inputs, targets):
+    def f(params, state, steps, inputs, targets):
         logits = quantized_apply(graphdef, params, recipe, state, steps, inputs)
         return optax.softmax_cross_entropy_with_integer_labels(
             logits.astype(jnp.float32), targets
         ).mean(axis=-1)
 
-    return f
+    return functools.partial(f, params, state, steps)

@@ -334,7 +334,9 @@ def dot_general(
     """
     op = f"jaxq.ops.dot_general[{getattr(recipe, 'name', None)}]"
     if recipe is None:
-        return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision, preferred_element_type)
+        kw = {} if out_sharding is None else {"out_sharding": out_sharding}
+        return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision, preferred_element_type,
+                                   **kw)  # fmt: skip
     if not isinstance(recipe, Recipe):
         raise TypeError(f"{op}: recipe must be a jaxq.ops.Recipe or None, got {recipe!r}")
     lhs, rhs = jnp.asarray(lhs), jnp.asarray(rhs)

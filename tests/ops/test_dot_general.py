@@ -79,6 +79,7 @@ FORWARD = ["fp8_current", "fp8_delayed", "fp8_static", "fp8_blockwise", "mxfp8",
            "nvfp4", "int8", "ternary"]  # fmt: skip
 
 
+@pytest.mark.sweep
 @pytest.mark.parametrize("name", FORWARD)
 def test_forward_equals_dequantized_float64_product(name):
     x, w = _inputs()
@@ -122,6 +123,7 @@ def _rel(a, b):
     return float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
 
 
+@pytest.mark.sweep
 @pytest.mark.parametrize("name", sorted(BACKWARD_BUDGET))
 def test_backward_error_budget(name):
     x, w = _inputs()
@@ -185,6 +187,7 @@ def test_learned_step_gradients_match_lsq():
         np.testing.assert_allclose(u, v, rtol=1e-4, atol=1e-4 * float(jnp.abs(v).max()))
 
 
+@pytest.mark.sweep
 @pytest.mark.parametrize(
     "lhs_shape, rhs_shape, dn",
     [
@@ -271,6 +274,7 @@ def test_weight_only_keeps_activations():
                                atol=1e-5 * np.abs(ref).max())  # fmt: skip
 
 
+@pytest.mark.sweep
 @pytest.mark.parametrize("name", ["fp8_current", "fp8_blockwise", "mxfp8", "nvfp4"])
 def test_residuals_are_quantized(name):
     x = jax.ShapeDtypeStruct((256, 512), jnp.float32)

@@ -218,6 +218,7 @@ def _check(setup: Setup, name: str, budget: float | None) -> None:
         assert rel <= budget, f"{name}: {rel:+.2%} vs budget +{budget:.0%}"
 
 
+@pytest.mark.sweep
 @pytest.mark.parametrize("name", sorted(SHORT_BUDGETS))
 def test_short_fidelity(name):
     _check(SHORT, name, SHORT_BUDGETS[name])

@@ -21,6 +21,7 @@ def _rel(a, b):
     return float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
 
 
+@pytest.mark.sweep
 @pytest.mark.parametrize("recipe", [R.FP8Current(), R.MXFP8(), R.Int8()], ids=lambda r: r.name)
 def test_transformer_lm_with_scan_is_quantized_and_loads_float_params(recipe):
     model = TransformerLM()

@@ -43,6 +43,7 @@ def test_paths_first_match_and_unused_rules():
     assert type(model.blocks.mlp.up) is nnx.Linear
 
 
+@pytest.mark.sweep
 @pytest.mark.parametrize(
     "recipe",
     [R.FP8Current(), R.FP8Delayed(history_length=8), R.MXFP8(), R.Int8(), R.NVFP4(),
