@@ -19,6 +19,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.extend.core import primitives as P
 
@@ -74,7 +75,8 @@ def _remat(*args, jaxpr, prevent_cse=True, policy=None, **params):
 
 
 def _shape(x: Any) -> tuple[int, ...]:
-    return tuple(x.shape)
+    shape = getattr(x, "shape", None)  # arrays, avals, ScaledArrays; literals are scalars
+    return tuple(np.shape(x) if shape is None else shape)
 
 
 def _leading_matches(got: Any, want: Any) -> int:

@@ -136,7 +136,7 @@ def eval_closed(closed: Any, *args: Any) -> list[Any]:
     return eval_jaxpr(closed.jaxpr, closed.consts, *args)
 
 
-def _check_outputs(eqn: Any, outs: Sequence[Any]) -> list[Any]:
+def _check_outputs(eqn: Any, outs: Sequence[Any], barriered: dict[int, Any]) -> list[Any]:
     name = eqn.primitive.name
     if len(outs) != len(eqn.outvars):
         raise ScalifyRuleError(
@@ -160,11 +160,15 @@ def _check_outputs(eqn: Any, outs: Sequence[Any]) -> list[Any]:
                 block_shape(o.shape, jnp.shape(o.scale))
             except ValueError as e:
                 raise ScalifyRuleError(f"scalify rule for primitive {name!r}: {e}") from None
-            if isinstance(o.scale, jcore.Tracer):
+            if isinstance(o.scale, jcore.Tracer) and id(o.scale) not in barriered:
                 # Scales form long chains of cheap scalar ops; without a barrier XLA
                 # duplicates each chain into every consumer fusion (compile time measured
-                # 7x the plain step's on a small GPT; 2x with the barrier).
-                o = scaled(o.data, lax.optimization_barrier(o.scale))
+                # 7x the plain step's on a small GPT; 2x with the barrier). A scale that
+                # is already a barrier's output (a rule that kept its operand's scale)
+                # needs no second one.
+                s = lax.optimization_barrier(o.scale)
+                barriered[id(s)] = s
+                o = scaled(o.data, s)
         checked.append(o)
     return checked
 
@@ -175,6 +179,7 @@ def eval_jaxpr(jaxpr: Any, consts: Sequence[Any], *args: Any) -> list[Any]:
     Arguments and results may be ``ScaledArray``s; see :func:`scalify`.
     """
     env: dict[Any, Any] = {}
+    barriered: dict[int, Any] = {}  # id -> scale tracers that are barrier outputs
 
     def read(v: Any) -> Any:
         return v.val if isinstance(v, jex.Literal) else env[v]
@@ -192,7 +197,7 @@ def eval_jaxpr(jaxpr: Any, consts: Sequence[Any], *args: Any) -> list[Any]:
         ctx = getattr(eqn, "ctx", None)
         with ctx.manager if ctx is not None else contextlib.nullcontext():
             if any(is_scaled(x) for x in invals):
-                outs = _apply_rule(eqn, invals)
+                outs = _apply_rule(eqn, invals, barriered)
             else:
                 bind_params = eqn.primitive.get_bind_params(eqn.params)
                 subfuns: Sequence[Any] = ()
@@ -205,7 +210,7 @@ def eval_jaxpr(jaxpr: Any, consts: Sequence[Any], *args: Any) -> list[Any]:
     return [read(v) for v in jaxpr.outvars]
 
 
-def _apply_rule(eqn: Any, invals: list[Any]) -> list[Any]:
+def _apply_rule(eqn: Any, invals: list[Any], barriered: dict[int, Any]) -> list[Any]:
     prim = eqn.primitive
     rule = get_rule(prim)
     if rule is None:
@@ -219,7 +224,7 @@ def _apply_rule(eqn: Any, invals: list[Any]) -> list[Any]:
     extra = {"out_avals": tuple(v.aval for v in eqn.outvars)} if rule.out_avals else {}
     ans = rule.fn(*invals, **extra, **eqn.params)
     outs = list(ans) if prim.multiple_results else [ans]
-    return _check_outputs(eqn, outs)
+    return _check_outputs(eqn, outs, barriered)
 
 
 install_operator_transform(scalify)

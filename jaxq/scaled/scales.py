@@ -72,9 +72,10 @@ def pow2_round(x: jax.Array) -> jax.Array:
         0.5
     """
     x = lax.stop_gradient(_f32(x))
-    b = _bits(x)
-    up = lax.convert_element_type((b & ((1 << _MANT_BITS) - 1)) >= _SQRT2_FRAC, jnp.int32)
-    out = _from_exponent(_exponent(x) + up)
+    # adding 2^23 - frac(sqrt 2) to the bit pattern carries into the exponent exactly when
+    # the fraction is at least sqrt(2)'s; masking keeps the (rounded) exponent field
+    b = (_bits(x) + np.int32((1 << _MANT_BITS) - _SQRT2_FRAC)) & np.int32(_EXP_MASK << _MANT_BITS)
+    out = lax.bitcast_convert_type(b, jnp.float32)
     return out + (x - x)  # inf - inf = NaN: non-finite input never becomes a finite scale
 
 

@@ -30,6 +30,11 @@ CASES = {
         ((jnp.ones(3), jnp.ones(())), jnp.ones((4, 3))),
         (0, 2),
     ),
+    "literal_carry": (  # a Python number in the carry reaches the rule as a literal
+        lambda xs: jax.lax.scan(lambda c, x: ((c[0] + 1, c[1] + x), x * 2), (0, 0.0), xs),
+        (jnp.ones(4),),
+        (0, 2),
+    ),
     "no_xs": (
         lambda w, c: jax.lax.scan(lambda c, _: (c @ w, c), c, None, length=3),
         (jnp.ones((3, 3)), jnp.ones(3)),

@@ -114,10 +114,14 @@ def test_block_scales_elementwise_and_matmul():
     np.testing.assert_allclose(asarray(out), asarray(rows) @ w, rtol=1e-5, atol=1e-5)
     out = scalify(jnp.matmul)(bx, as_scaled_array(w))
     np.testing.assert_allclose(asarray(out), x @ w, rtol=1e-5, atol=1e-5)
-    # ops without block support see one scalar scale (value unchanged)
+    # a reshape that keeps blocks contiguous keeps them (one block per row of 32)
     out = scalify(lambda a: a.reshape(8, 32) * 2)(bx)
-    assert jnp.ndim(out.scale) == 0
+    assert out.scale.shape == (8, 1)
     np.testing.assert_allclose(asarray(out), x.reshape(8, 32) * 2, rtol=1e-6)
+    # ops without block support see one scalar scale (value unchanged)
+    out = scalify(lambda a: jnp.cumsum(a, axis=1))(bx)
+    assert jnp.ndim(out.scale) == 0
+    np.testing.assert_allclose(asarray(out), jnp.cumsum(x, axis=1), rtol=1e-5, atol=1e-5)
 
 
 def test_mismatched_block_shapes_raise():
