@@ -9,6 +9,7 @@ are not.
 
 from __future__ import annotations
 
+import functools
 import string
 
 import jax
@@ -17,7 +18,7 @@ import jax.numpy as jnp
 from jaxq.ops.dot_general import dot_general
 from jaxq.ops.spec import OpState, Recipe
 
-__all__ = ["einsum"]
+__all__ = ["einsum", "einsum_with"]
 
 
 def _expand_ellipsis(terms: list[str], ndims: list[int], out: str | None, spec: str):
@@ -97,6 +98,14 @@ def einsum(
         >>> y.shape
         (2, 16, 4, 8)
     """
+    dot = functools.partial(dot_general, recipe=recipe, state=state, steps=steps)
+    return einsum_with(dot, subscripts, lhs, rhs, precision=precision,
+                       preferred_element_type=preferred_element_type)  # fmt: skip
+
+
+def einsum_with(dot, subscripts: str, lhs, rhs, *, precision=None, preferred_element_type=None):
+    """``jnp.einsum(subscripts, lhs, rhs)`` computed by ``dot``, any function with
+    :func:`jax.lax.dot_general`'s signature (the lowering :func:`einsum` uses)."""
     lhs, rhs = jnp.asarray(lhs), jnp.asarray(rhs)
     a, b, out = _parse(subscripts, lhs.ndim, rhs.ndim)
     for name, t in (("output", out),):
@@ -117,7 +126,6 @@ def einsum(
         (tuple(a.index(c) for c in contract), tuple(b.index(c) for c in contract)),
         (tuple(a.index(c) for c in batch), tuple(b.index(c) for c in batch)),
     )
-    y = dot_general(lhs, rhs, dn, precision, preferred_element_type,
-                    recipe=recipe, state=state, steps=steps)  # fmt: skip
+    y = dot(lhs, rhs, dn, precision, preferred_element_type)
     produced = batch + [c for c in a if c not in b] + [c for c in b if c not in a]
     return jnp.transpose(y, tuple(produced.index(c) for c in out))

@@ -1,0 +1,109 @@
+"""Serving schemes: the recipes :func:`jaxq.ptq.convert` turns into packed weights.
+
+A scheme is an ordinary :class:`jaxq.ops.Recipe` (so the same rule list can wrap a model
+for QAT with :func:`jaxq.quantize_model` and convert it for serving). Its ``rhs`` quantizer
+says how the weight is stored; its ``lhs`` quantizer how activations are quantized at
+serving time: ``None`` (weight-only), ``scaling="current"`` (dynamic, per token or per
+tensor) or ``scaling="delayed"`` (a static per-tensor scale whose amax ``convert``
+calibrates on the given batches with the quantizer's ``calibration``).
+
+| scheme | weights | bits/weight (K=256) | activations |
+|---|---|---|---|
+| ``W8()`` | int8 per channel | 8 + 32/K | float |
+| ``W4(128)`` | int4, groups of 128 along K | 4.25 | float |
+| ``NF4(64)`` | NF4, groups of 64 | 4.5 | float |
+| ``FP4(32)`` | E2M1, groups of 32, float32 scales | 5 | float |
+| ``MXFP4()`` | E2M1, 32, E8M0 scales | 4.25 | float |
+| ``NVFP4()`` | E2M1, 16, E4M3 scales + tensor scale | 4.5 | float |
+| ``FP8Weights()`` | E4M3 per channel | 8 + 32/K | float |
+| ``W8A8("int8")`` | int8 per channel | 8 + 32/K | int8, static per tensor |
+| ``W8A8("e4m3")`` | E4M3 per channel | 8 + 32/K | E4M3, static per tensor |
+| ``W4A8()`` | int4 per channel (or groups) | 4 + 32/K | E4M3, static per tensor |
+"""
+
+from __future__ import annotations
+
+from jaxq import formats as F
+from jaxq.ops.spec import Quantizer, Recipe
+from jaxq.quantization.calibration import Absmax, Calibration
+
+__all__ = ["W8", "W4", "NF4", "FP4", "MXFP4", "NVFP4", "FP8Weights", "W8A8", "W4A8",
+           "weights", "static_activations"]  # fmt: skip
+
+
+def weights(fmt, group: int | None = None) -> Quantizer:
+    """A weight quantizer: per output channel, or groups of ``group`` along ``K``."""
+    fmt = F.get(fmt)
+    if isinstance(fmt, F.BlockFormat):
+        return Quantizer(fmt, "block")
+    return Quantizer(fmt, "block", group) if group else Quantizer(fmt, "row")
+
+
+def static_activations(fmt, calibration: Calibration = Absmax()) -> Quantizer:
+    """A per-tensor activation quantizer with a calibrated (static) scale."""
+    return Quantizer(fmt, "tensor", scaling="delayed", calibration=calibration)
+
+
+def W8(fmt="int8") -> Recipe:
+    """Weight-only 8-bit, per output channel.
+
+    Example:
+        >>> W8().rhs.granularity, W8().lhs is None
+        ('row', True)
+    """
+    return Recipe("w8", None, weights(fmt))
+
+
+def W4(group: int | None = 128, fmt="int4") -> Recipe:
+    """Weight-only int4 with groups of ``group`` along the contraction (``None``: per
+    channel)."""
+    return Recipe(f"w4g{group}" if group else "w4", None, weights(fmt, group))
+
+
+def NF4(group: int = 64) -> Recipe:
+    """Weight-only NF4 (QLoRA's normal-float levels) with absmax groups."""
+    return Recipe(f"nf4g{group}", None, weights("nf4", group))
+
+
+def FP4(group: int = 32) -> Recipe:
+    """Weight-only FP4 (E2M1) with float32 group scales."""
+    return Recipe(f"fp4g{group}", None, weights("e2m1", group))
+
+
+def MXFP4() -> Recipe:
+    """Weight-only OCP MXFP4 (E2M1 elements, 32-element blocks, E8M0 scales)."""
+    return Recipe("mxfp4", None, weights(F.MXFP4))
+
+
+def NVFP4() -> Recipe:
+    """Weight-only NVFP4 (E2M1, 16-element blocks, E4M3 scales and a tensor scale)."""
+    return Recipe("nvfp4", None, weights(F.NVFP4))
+
+
+def FP8Weights() -> Recipe:
+    """Weight-only FP8 (E4M3) per output channel."""
+    return Recipe("fp8w", None, weights("e4m3"))
+
+
+def W8A8(fmt="int8", *, calibration: Calibration = Absmax()) -> Recipe:
+    """8-bit weights (per channel) × 8-bit activations with a static per-tensor scale.
+
+    ``fmt="int8"`` multiplies int8 codes with int32 accumulation; ``"e4m3"`` runs an FP8
+    GEMM where the hardware has one.
+
+    Example:
+        >>> r = W8A8("e4m3")
+        >>> r.lhs.scaling, r.rhs.fmt.name
+        ('delayed', 'float8_e4m3fn')
+    """
+    fmt = F.get(fmt)
+    return Recipe(f"w8a8_{fmt.short}", static_activations(fmt, calibration), weights(fmt),
+                  history_length=1)  # fmt: skip
+
+
+def W4A8(group: int | None = None, *, calibration: Calibration = Absmax()) -> Recipe:
+    """FireQ's W4A8: int4 weights (per channel, or groups of ``group``) × E4M3 activations
+    with a static per-tensor scale."""
+    name = f"w4a8g{group}" if group else "w4a8"
+    return Recipe(name, static_activations("e4m3", calibration), weights("int4", group),
+                  history_length=1)  # fmt: skip
