@@ -78,7 +78,7 @@ class Recorder:
 
     def __init__(self, want: dict, transforms: dict | None = None, max_samples: int = 512):
         self.want = want
-        self.transforms = transforms or {}
+        self.transforms = {} if transforms is None else transforms
         self.max_samples = max_samples
         self.calls: dict[str, list[LayerCall]] = {}
         self.ops: dict[str, str] = {}
