@@ -30,6 +30,7 @@ from jaxq.formats.element import (
     E5M2,
     E8M0,
     INT2,
+    INT3,
     INT4,
     INT8,
     NF4,
@@ -47,7 +48,7 @@ ElementFormat = FloatFormat | IntFormat | LookupFormat
 
 ALL: tuple[Format, ...] = (
     E4M3, E5M2, E2M3, E3M2, E2M1, E8M0,
-    INT8, INT4, INT2, UINT8, UINT4, UINT2, NF4,
+    INT8, INT4, INT3, INT2, UINT8, UINT4, UINT2, NF4,
     MXFP8, MXFP8_E5M2, MXFP6_E2M3, MXFP6_E3M2, MXFP4, NVFP4,
 )  # fmt: skip
 
@@ -92,6 +93,6 @@ __all__ = [
     "ALL", "Format", "ElementFormat", "get",
     "FloatFormat", "IntFormat", "LookupFormat", "BlockFormat",
     "E4M3", "E5M2", "E2M3", "E3M2", "E2M1", "E8M0",
-    "INT8", "INT4", "INT2", "UINT8", "UINT4", "UINT2", "NF4", "NF4_LEVELS",
+    "INT8", "INT4", "INT3", "INT2", "UINT8", "UINT4", "UINT2", "NF4", "NF4_LEVELS",
     "MXFP8", "MXFP8_E5M2", "MXFP6_E2M3", "MXFP6_E3M2", "MXFP4", "NVFP4",
 ]  # fmt: skip

@@ -31,6 +31,7 @@ __all__ = [
     "E8M0",
     "INT8",
     "INT4",
+    "INT3",
     "INT2",
     "UINT8",
     "UINT4",
@@ -281,6 +282,7 @@ E8M0 = FloatFormat("float8_e8m0fnu", "e8m0", 8, 0, 127, False, False, True, 2.0*
 
 INT8 = IntFormat("int8", 8)
 INT4 = IntFormat("int4", 4)
+INT3 = IntFormat("int3", 3)
 INT2 = IntFormat("int2", 2)
 UINT8 = IntFormat("uint8", 8, signed=False)
 UINT4 = IntFormat("uint4", 4, signed=False)

@@ -5,7 +5,7 @@ Storage per element format (before sub-byte packing):
 * FP8 (E4M3, E5M2): the ml_dtypes float8 dtype itself.
 * FP6/FP4 (E2M3, E3M2, E2M1): the IEEE-style bit pattern ``sign | exponent | mantissa`` in the
   low bits of a uint8 (the same bits ml_dtypes stores).
-* INT8: int8; UINT8: uint8; INT4/INT2: two's complement in the low bits of a uint8;
+* INT8: int8; UINT8: uint8; INT4/INT3/INT2: two's complement in the low bits of a uint8;
   UINT4/UINT2: the unsigned code.
 * NF4: the level index 0..15.
 """

@@ -1,10 +1,10 @@
 """Packing sub-byte codes into bytes along the last axis.
 
-``b``-bit codes (``b`` in 2, 4, 6) are grouped ``g = lcm(8, b) / b`` at a time into
+``b``-bit codes (``b`` in 2, 3, 4, 6) are grouped ``g = lcm(8, b) / b`` at a time into
 ``lcm(8, b) / 8`` bytes, little-endian within the group: code ``j`` of a group occupies bits
 ``[j*b, (j+1)*b)`` of the group's integer. Two 4-bit codes share a byte (code 0 in the low
-nibble), four 2-bit codes share a byte, four 6-bit codes share three bytes. The last axis is
-zero-padded to a multiple of ``g``.
+nibble), four 2-bit codes share a byte, eight 3-bit codes and four 6-bit codes share three
+bytes. The last axis is zero-padded to a multiple of ``g``.
 
 Example:
     >>> import jax.numpy as jnp
@@ -27,8 +27,8 @@ __all__ = ["pack", "unpack", "packed_length", "group"]
 
 def group(bits: int) -> tuple[int, int]:
     """``(codes per group, bytes per group)`` for ``bits``-bit codes."""
-    if bits not in (1, 2, 4, 6, 8):
-        raise ValueError(f"bits must be one of 1, 2, 4, 6, 8, got {bits}")
+    if bits not in (1, 2, 3, 4, 6, 8):
+        raise ValueError(f"bits must be one of 1, 2, 3, 4, 6, 8, got {bits}")
     n = math.lcm(8, bits)
     return n // bits, n // 8
 

@@ -9,7 +9,8 @@ Invariants (checked by :meth:`QArray.validate`, which raises ``ValueError`` with
      ``shape`` with ``shape[a]`` replaced by ``shape[a] // block_size``.
 2. ``codes``: unpacked formats (8-bit) have ``codes.shape == shape``; sub-byte formats are
    packed along the last axis, ``codes.shape == shape[:-1] + (packed_length(shape[-1]),)``,
-   dtype uint8 (two 4-bit codes, four 2-bit codes or four 6-bit codes per 1/1/3 bytes).
+   dtype uint8 (two 4-bit codes, four 2-bit codes, eight 3-bit or four 6-bit codes per
+   1/1/3/3 bytes).
 3. ``scale`` dtype: float32 for element formats; E8M0 for MX formats; E4M3 for NVFP4, whose
    ``tensor_scale`` is a float32 scalar. ``zero_point`` (asymmetric integer formats only) has
    ``scale``'s shape and dtype uint8.

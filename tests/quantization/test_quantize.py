@@ -46,7 +46,8 @@ def test_nvfp4_matches_float64_spec_exactly():
 
 
 @pytest.mark.parametrize(
-    "fmt", [F.E4M3, F.E5M2, F.E2M3, F.E3M2, F.E2M1, F.INT8, F.INT4, F.INT2], ids=lambda f: f.name
+    "fmt", [F.E4M3, F.E5M2, F.E2M3, F.E3M2, F.E2M1, F.INT8, F.INT4, F.INT3, F.INT2],
+    ids=lambda f: f.name,
 )
 @pytest.mark.parametrize("granularity", ["tensor", "channel", "block"])
 def test_scaled_formats_match_reference(fmt, granularity):
@@ -89,7 +90,8 @@ def test_nf4_and_asymmetric():
 
 ALL_CASES = [
     ("e4m3", {}), ("e5m2", {"axis": 0}), ("int8", {"axis": -1}), ("int4", {"block_size": 128}),
-    ("int2", {"block_size": 64}), ("nf4", {"block_size": 64}), ("e2m1", {"block_size": 32}),
+    ("int2", {"block_size": 64}), ("int3", {"block_size": 128}), ("nf4", {"block_size": 64}),
+    ("e2m1", {"block_size": 32}),
     ("e2m3", {"axis": (0,)}), ("e3m2", {}), ("uint8", {"axis": 0}), ("uint4", {"block_size": 64}),
     ("mxfp8", {}), ("mxfp6_e2m3", {}), ("mxfp6_e3m2", {}), ("mxfp4", {}), ("nvfp4", {}),
     ("mxfp8", {"axis": 0}),
@@ -132,7 +134,7 @@ def test_int4_g128_storage_is_half_a_byte_per_element():
     assert q.bits_per_element == pytest.approx(4.25)
 
 
-@pytest.mark.parametrize("bits", [2, 4, 6])
+@pytest.mark.parametrize("bits", [2, 3, 4, 6])
 def test_pack_unpack_roundtrip(bits):
     rng = np.random.default_rng(bits)
     for n in (1, 3, 8, 13):
@@ -147,6 +149,9 @@ def test_packing_layout_is_low_nibble_first():
     assert p.tolist() == [0xF1, 0x07]
     p6 = packing.pack(jnp.array([1, 2, 3, 4], jnp.uint8), bits=6)
     assert p6.tolist() == [1 | (2 << 6) & 0xFF, (2 >> 2) | (3 << 4) & 0xFF, (3 >> 4) | (4 << 2)]
+    p3 = packing.pack(jnp.arange(8, dtype=jnp.uint8), bits=3)  # 8 codes in 3 bytes
+    word = sum(j << (3 * j) for j in range(8))
+    assert p3.tolist() == [word & 0xFF, (word >> 8) & 0xFF, word >> 16]
 
 
 def test_zero_tensor_gives_finite_scales_and_zero_codes():
