@@ -41,6 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from common import machine
 from flax import nnx
 
 from jaxq import optim
@@ -217,25 +218,6 @@ def versions() -> str:
         except importlib.metadata.PackageNotFoundError:
             out.append(f"{n} (not installed)")
     return ", ".join([f"Python {platform.python_version()}", *out])
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    mem = ""
-    try:
-        kb = int(Path("/proc/meminfo").read_text().split()[1])
-        mem = f", {kb / 2**20:.0f} GiB RAM"
-    except (OSError, ValueError, IndexError):
-        pass
-    dev = jax.devices()[0]
-    return f"{cpu}, {os.cpu_count()} cores{mem}; JAX backend {dev.platform} ({dev.device_kind})"
 
 
 def main(argv=None) -> None:

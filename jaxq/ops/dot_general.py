@@ -224,7 +224,8 @@ def _qdot_fwd(lhs, rhs, state, cfg):
 _qdot.defvjp(_qdot_fwd, _backward)
 
 
-def _lsq_operand(x3, q, step):
+def lsq_operand(x3, q, step):
+    """The LSQ fake-quantized values of a canonical operand (float32; ``q=None``: as is)."""
     if q is None:
         return x3.astype(jnp.float32)
     x3 = x3.astype(jnp.float32)
@@ -240,8 +241,8 @@ def _lsq_operand(x3, q, step):
 def _lsq_product(lhs, rhs, lhs_step, rhs_step, canon: Canonical, recipe: Recipe):
     """The fake-quantized product of learned-step recipes. Rematerialized: the backward
     pass keeps the operands and steps only and recomputes the quantized values."""
-    xv = _lsq_operand(canon.lhs(lhs), recipe.lhs, lhs_step)
-    wv = _lsq_operand(canon.rhs(rhs), recipe.rhs, rhs_step)
+    xv = lsq_operand(canon.lhs(lhs), recipe.lhs, lhs_step)
+    wv = lsq_operand(canon.rhs(rhs), recipe.rhs, rhs_step)
     y3 = jax.lax.dot_general(
         xv, wv, O._CANON, precision=jax.lax.Precision.HIGHEST,
         preferred_element_type=jnp.float32,

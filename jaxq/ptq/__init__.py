@@ -21,12 +21,12 @@ Example:
 from jaxq.ptq.algorithms import awq, gptq, rotate, smoothquant
 from jaxq.ptq.convert import Converted, calibrate, convert
 from jaxq.ptq.plan import LayerPlan, Plan
-from jaxq.ptq.schemes import FP4, MXFP4, NF4, NVFP4, W4, W4A8, W8, W8A8, FP8Weights
+from jaxq.ptq.schemes import FP4, MXFP4, NF4, NVFP4, W2, W3, W4, W4A8, W8, W8A8, FP8Weights
 from jaxq.ptq.serving import PackedKernel
 from jaxq.ptq.weights import QuantizedWeight, serving_dot_general, weight_bytes
 
 __all__ = [
     "convert", "Converted", "calibrate", "rotate", "smoothquant", "awq", "gptq", "Plan",
     "LayerPlan", "QuantizedWeight", "PackedKernel", "serving_dot_general", "weight_bytes",
-    "W8", "W4", "NF4", "FP4", "MXFP4", "NVFP4", "FP8Weights", "W8A8", "W4A8",
+    "W8", "W4", "W3", "W2", "NF4", "FP4", "MXFP4", "NVFP4", "FP8Weights", "W8A8", "W4A8",
 ]  # fmt: skip

@@ -69,10 +69,8 @@ def rotate(model, params, rules, calibration, *, plan: Plan | None = None,
     key = jax.random.key(0) if key is None else key
     batches = list(calibration)[:1]
     new = Plan(plan)
-    for j, (path, (_, _, calls, stack, _)) in enumerate(
-        _layers(model, params, rules, batches, plan, ()).items()
-    ):
-        lp = plan.layer(path)
+    for j, (path, run) in enumerate(_layers(model, params, rules, batches, plan, ()).items()):
+        lp, calls, stack = plan.layer(path), run.calls, run.stack
         if lp.rotation is not None:
             raise ValueError(f"jaxq.ptq.rotate: layer {path!r} is rotated already")
         if lp.in_scale is not None or lp.weight is not None:
@@ -101,10 +99,8 @@ def smoothquant(model, params, rules, calibration, *, alpha: float = 0.5,
     """
     plan = Plan() if plan is None else plan
     new = Plan(plan)
-    for path, (_, _, calls, stack, stats) in _layers(
-        model, params, rules, calibration, plan, ("absmax_k",)
-    ).items():
-        lp = plan.layer(path)
+    for path, run in _layers(model, params, rules, calibration, plan, ("absmax_k",)).items():
+        lp, calls, stack, stats = plan.layer(path), run.calls, run.stack, run.stats
         _no_weight_yet(lp, path, "smoothquant")
         scales = []
         for call, st in zip(calls, stats, strict=True):
@@ -127,8 +123,9 @@ def awq(model, params, rules, calibration, *, grid: int = 20, clip: bool = True,
     new = Plan(plan)
     layers, _ = calibrate(model, params, rules, calibration, plan=plan, stats=("sample",),
                           max_samples=max_samples)  # fmt: skip
-    for path, (_, recipe, calls, stack, stats) in layers.items():
-        lp = plan.layer(path)
+    for path, run in layers.items():
+        lp, recipe, calls, stack, stats = (plan.layer(path), run.recipe, run.calls, run.stack,
+                                           run.stats)  # fmt: skip
         _no_weight_yet(lp, path, "awq")
         if recipe.rhs is None:
             continue
@@ -158,10 +155,9 @@ def gptq(model, params, rules, calibration, *, damp: float = 0.01, block_size: i
     """
     plan = Plan() if plan is None else plan
     new = Plan(plan)
-    for path, (_, recipe, calls, stack, stats) in _layers(
-        model, params, rules, calibration, plan, ("hessian",)
-    ).items():
-        lp = plan.layer(path)
+    for path, run in _layers(model, params, rules, calibration, plan, ("hessian",)).items():
+        lp, recipe, calls, stack, stats = (plan.layer(path), run.recipe, run.calls, run.stack,
+                                           run.stats)  # fmt: skip
         _no_weight_yet(lp, path, "gptq")
         if recipe.rhs is None:
             continue

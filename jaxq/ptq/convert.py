@@ -32,7 +32,7 @@ from jaxq.ops.spec import Recipe
 from jaxq.ptq import serving as S
 from jaxq.ptq.calibrate import Recorder, finalize
 from jaxq.ptq.plan import LayerPlan, Plan
-from jaxq.ptq.weights import QuantizedWeight, stacked
+from jaxq.ptq.weights import QuantizedWeight, lsq_weight, stacked
 from jaxq.wrapping.rules import Rule, match
 
 __all__ = ["convert", "Converted", "calibrate"]
@@ -92,11 +92,23 @@ def _needs(recipe: Recipe) -> bool:
     return recipe.lhs is not None and recipe.lhs.scaling == "delayed"
 
 
-def _check_recipe(recipe: Recipe, path: str) -> None:
+class LayerRun(typing.NamedTuple):
+    """What :func:`calibrate` found for one converted layer."""
+
+    rule: Rule
+    recipe: Recipe
+    calls: list
+    stack: tuple[int, ...]
+    stats: list
+    steps: typing.Any = None
+
+
+def _check_recipe(recipe: Recipe, path: str, steps) -> None:
     where = f"jaxq.ptq: layer {path!r} with recipe {recipe.name!r}"
-    if recipe.learned_step:
-        raise ValueError(f"{where}: learned step sizes are not converted yet; use a recipe "
-                         "with absmax scales")  # fmt: skip
+    if recipe.learned_step and steps is None:
+        raise ValueError(f"{where}: the recipe learns its step sizes, but the layer has none; "
+                         "convert the model jaxq.quantize_model returned after training "
+                         "(its learned steps become the serving scales)")  # fmt: skip
     if recipe.lhs is not None and recipe.lhs.rounding == "stochastic":
         raise ValueError(f"{where}: serving does not round activations stochastically")
 
@@ -139,10 +151,9 @@ def _linen_kernel(variables, path: str):
 
 def calibrate(model, params, rules, calibration, *, plan: Plan | None = None,
               stats=("amax",), max_samples: int = 512):  # fmt: skip
-    """Runs the float model over the batches and returns, per converted layer,
-    ``(rule, recipe, calls, stack, stats)`` where ``stats`` is a list (one per call) of
-    the finalized statistics (see :mod:`jaxq.ptq.calibrate`); also returns the paths of all
-    layers the batches reached and their ops.
+    """Runs the float model over the batches and returns, per converted layer, a
+    :class:`LayerRun` (its ``stats`` holds one dict of finalized statistics per call, see
+    :mod:`jaxq.ptq.calibrate`), and the ``(path, op)`` of every layer the batches reached.
 
     This is the run every algorithm and :func:`convert` start from.
     """
@@ -154,12 +165,13 @@ def calibrate(model, params, rules, calibration, *, plan: Plan | None = None,
         raise TypeError(f"jaxq.ptq: model must be a Flax NNX or Linen module, got {model!r}")
     _reject_converted(model, params)
     want, transforms, stacks = {}, {}, {}
+    steps = S.learned_steps(model, params)
 
     def plan_for(path, op, stack):
         m = match(rules, path, op)
         recipe = None if m is None else m[1].recipe
         if recipe is not None:
-            _check_recipe(recipe, path)
+            _check_recipe(recipe, path, steps.get(path))
             names = tuple(s for s in stats if s != "amax" or _needs(recipe))
             want[path] = (recipe.lhs, names)
         transforms[path] = layer_transforms(plan.layer(path), stack)
@@ -206,7 +218,9 @@ def calibrate(model, params, rules, calibration, *, plan: Plan | None = None,
                              f"{len(calls)} times per batch")  # fmt: skip
         if not stack and len(calls) > 1:  # a shared layer: merge its calls
             calls = [_merge(calls)]
-        out[path] = (m[1], recipe, calls, stack, [finalize(c, recipe.lhs) for c in calls])
+        stats_ = [finalize(c, recipe.lhs) for c in calls]
+        out[path] = LayerRun(m[1], recipe, calls, stack, stats_,
+                             steps.get(path) if recipe.learned_step else None)  # fmt: skip
     reached = [(p, recorder.ops[p]) for p in recorder.calls]
     return out, reached
 
@@ -255,10 +269,18 @@ def _reject_converted(model, params) -> None:
                          "hold packed weights); convert the float model instead")  # fmt: skip
 
 
-def quantize_weight(recipe: Recipe, call, stats: dict, lp: LayerPlan, idx, path: str):
+def quantize_weight(recipe: Recipe, call, stats: dict, lp: LayerPlan, idx, path: str,
+                    steps=None):  # fmt: skip
     """The :class:`QuantizedWeight` of one call of a layer."""
     w3 = call.w3
-    if lp.weight is not None:
+    steps = None if steps is None else _slice(steps, idx)
+    act_step = None if steps is None else steps.get("lhs")
+    if steps is not None:
+        if lp.weight is not None or lp.in_scale is not None or lp.rotation is not None:
+            raise ValueError(f"jaxq.ptq: layer {path!r} has learned steps; the algorithms "
+                             "do not apply to it")  # fmt: skip
+        wq = w3 if recipe.rhs is None else lsq_weight(w3, recipe.rhs, steps["rhs"])
+    elif lp.weight is not None:
         wq = _slice(lp.weight, idx)
     elif recipe.rhs is None:
         wq = w3
@@ -267,10 +289,10 @@ def quantize_weight(recipe: Recipe, call, stats: dict, lp: LayerPlan, idx, path:
         amax = O.observe_amax(w3) if q.scaling == "delayed" else None
         wq = O.quantize_operand(w3, q, amax=amax, where=f"jaxq.ptq layer {path!r} weight")
     amax = None
-    if _needs(recipe):
+    if _needs(recipe) and act_step is None:
         amax = jnp.asarray(stats["amax"], jnp.float32)
     return QuantizedWeight(
-        wq, amax, _slice(lp.in_scale, idx), _slice(lp.rotation, idx), path=path,
+        wq, amax, _slice(lp.in_scale, idx), _slice(lp.rotation, idx), act_step, path=path,
         recipe=recipe, kernel_shape=call.kernel_shape, kernel_dtype=np.dtype(call.kernel_dtype),
         dimension_numbers=call.dims, rotation_block=lp.rotation_block,
     )  # fmt: skip
@@ -315,10 +337,10 @@ def convert(model, params, rules, *, calibration=None, plan: Plan | None = None)
     plan = Plan() if plan is None else plan
     layers, reached = calibrate(model, params, rules, calibration, plan=plan)
     weights = {}
-    for path, (_, recipe, calls, stack, stats) in layers.items():
-        lp = plan.layer(path)
-        per_call = [quantize_weight(recipe, c, s, lp, _index(i, stack), path)
-                    for i, (c, s) in enumerate(zip(calls, stats, strict=True))]  # fmt: skip
+    for path, run in layers.items():
+        lp, stack = plan.layer(path), run.stack
+        per_call = [quantize_weight(run.recipe, c, s, lp, _index(i, stack), path, run.steps)
+                    for i, (c, s) in enumerate(zip(run.calls, run.stats, strict=True))]  # fmt: skip
         if stack:
             qw = unflatten_stack(stacked(per_call), stack)
         else:
@@ -326,18 +348,16 @@ def convert(model, params, rules, *, calibration=None, plan: Plan | None = None)
         weights[path] = qw
     float_layers = tuple(p for p, _ in reached if p not in weights)
     if isinstance(model, nnx.Module):
-        serving = nnx.clone(model)
+        serving = S.unwrap_nnx(nnx.clone(model))
         for path, layer, op in S.nnx_layers(serving):
             if path in weights:
                 qw = weights[path]
                 k = S.wn._get(vars(layer)["kernel"])
-                stack = layers[path][3]
+                stack = layers[path].stack
                 S.serve_nnx(layer, op, qw, k.shape[len(stack):])
         return Converted(serving, nnx.state(serving), float_layers)
     new_params = _replace_kernels(params, weights)
-    fields = {f: getattr(model, f) for f in model.__dataclass_fields__
-              if f not in ("parent", "name") and model.__dataclass_fields__[f].init}  # fmt: skip
-    serving = S.serving_linen(type(model))(**fields)
+    serving = S.serving_linen(S.plain_linen_class(model))(**S.linen_fields(model))
     return Converted(serving, new_params, float_layers)
 
 
@@ -346,8 +366,16 @@ def unflatten_stack(tree, stack: tuple[int, ...]):
     return jax.tree.map(lambda a: a.reshape(stack + a.shape[1:]), tree)
 
 
+def _strip_qat(node):
+    """A Linen params tree without the learned steps a QAT wrapper added."""
+    if not hasattr(node, "items"):
+        return node
+    return {k: _strip_qat(v) for k, v in node.items() if k != "jaxq_steps"}
+
+
 def _replace_kernels(variables, weights: dict):
-    out = jax.tree.map(lambda x: x, dict(variables))  # a copy of the containers
+    out = {k: v for k, v in variables.items() if k != S.wl.COLLECTION}
+    out["params"] = _strip_qat(out["params"])
 
     def put(node, parts, qw):
         node = dict(node)

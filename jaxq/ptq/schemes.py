@@ -11,6 +11,7 @@ calibrates on the given batches with the quantizer's ``calibration``).
 |---|---|---|---|
 | ``W8()`` | int8 per channel | 8 + 32/K | float |
 | ``W4(128)`` | int4, groups of 128 along K | 4.25 | float |
+| ``W3(128)``, ``W2(128)`` | int3 / int2, groups of 128 | 3.25 / 2.25 | float |
 | ``NF4(64)`` | NF4, groups of 64 | 4.5 | float |
 | ``FP4(32)`` | E2M1, groups of 32, float32 scales | 5 | float |
 | ``MXFP4()`` | E2M1, 32, E8M0 scales | 4.25 | float |
@@ -27,7 +28,7 @@ from jaxq import formats as F
 from jaxq.ops.spec import Quantizer, Recipe
 from jaxq.quantization.calibration import Absmax, Calibration
 
-__all__ = ["W8", "W4", "NF4", "FP4", "MXFP4", "NVFP4", "FP8Weights", "W8A8", "W4A8",
+__all__ = ["W8", "W4", "W3", "W2", "NF4", "FP4", "MXFP4", "NVFP4", "FP8Weights", "W8A8", "W4A8",
            "weights", "static_activations"]  # fmt: skip
 
 
@@ -57,7 +58,23 @@ def W8(fmt="int8") -> Recipe:
 def W4(group: int | None = 128, fmt="int4") -> Recipe:
     """Weight-only int4 with groups of ``group`` along the contraction (``None``: per
     channel)."""
-    return Recipe(f"w4g{group}" if group else "w4", None, weights(fmt, group))
+    bits = F.get(fmt).bits
+    return Recipe(f"w{bits}g{group}" if group else f"w{bits}", None, weights(fmt, group))
+
+
+def W3(group: int | None = 128) -> Recipe:
+    """Weight-only int3 (levels -3..3, eight codes per three bytes), groups of ``group``."""
+    return W4(group, "int3")
+
+
+def W2(group: int | None = 128) -> Recipe:
+    """Weight-only int2 (levels -1..1), groups of ``group``.
+
+    Example:
+        >>> W2().name, W3().rhs.fmt.qmax
+        ('w2g128', 3)
+    """
+    return W4(group, "int2")
 
 
 def NF4(group: int = 64) -> Recipe:

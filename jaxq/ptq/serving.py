@@ -93,6 +93,43 @@ def is_serving(layer) -> bool:
     return type(layer).__name__.startswith("Serving") and type(layer).__module__ == __name__
 
 
+_QAT_ATTRS = ("jaxq_op", "jaxq_recipe", "jaxq_state", "jaxq_steps")
+
+
+def unwrap_nnx(model: nnx.Module) -> nnx.Module:
+    """Gives the layers of a model made by :func:`jaxq.quantize_model` (a clone) back
+    their own class, without recipe state or learned steps; returns the model."""
+    for _, layer, _ in wn.layers(model):
+        if type(layer).__module__ == wn.__name__:
+            object.__setattr__(layer, "__class__", type(layer).__mro__[1])
+            for name in _QAT_ATTRS:
+                if name in vars(layer):
+                    delattr(layer, name)
+    return model
+
+
+def learned_steps(model, params) -> dict:
+    """``{path: steps}`` of the layers with learned step sizes (QAT with LSQ)."""
+    out = {}
+    if isinstance(model, nnx.Module):
+        for path, layer, _ in wn.layers(model):
+            if "jaxq_steps" in vars(layer):
+                out[path] = wn._get(layer.jaxq_steps)
+        return out
+
+    def walk(node, prefix):
+        if not hasattr(node, "items"):
+            return
+        for k, v in node.items():
+            if k == "jaxq_steps":
+                out["/".join(prefix)] = v
+            else:
+                walk(v, prefix + [str(k)])
+
+    walk((params or {}).get("params", {}), [])
+    return out
+
+
 def serve_nnx(layer: nnx.Module, op: str, qw: QuantizedWeight, param_shape) -> None:
     """Turns one NNX layer (in a clone) into its serving form, in place."""
     object.__setattr__(layer, "__class__", _serving_class(type(layer)))
@@ -103,7 +140,7 @@ def serve_nnx(layer: nnx.Module, op: str, qw: QuantizedWeight, param_shape) -> N
 
 def calibrate_nnx(model: nnx.Module, recorder, batches) -> None:
     """Calls a clone of ``model`` on each batch with the recorder's products in its slots."""
-    clone = nnx.clone(model)
+    clone = unwrap_nnx(nnx.clone(model))
     for path, layer, op in nnx_layers(clone):
         fn = recorder.dot(path) if op == "dot_general" else recorder.einsum(path)
         object.__setattr__(layer, _SLOTS[op], fn)
@@ -146,7 +183,21 @@ def _with_slot(module, fn, next_fun, args, kwargs):
         object.__setattr__(module, "dot_general", previous)
 
 
+def plain_linen_class(module: nn.Module) -> type:
+    """The module's class, or the class :func:`jaxq.quantize_model` wrapped."""
+    cls = type(module)
+    return cls.__mro__[1] if cls.__module__ == wl.__name__ else cls
+
+
+def linen_fields(module: nn.Module) -> dict:
+    """The constructor fields of a Linen module (without a QAT wrapper's interceptor)."""
+    return {f.name: getattr(module, f.name) for f in dataclasses.fields(module)
+            if f.init and f.name not in ("parent", "name", "jaxq_interceptor")}  # fmt: skip
+
+
 def calibrate_linen(module: nn.Module, variables, recorder, batches) -> None:
+    module = plain_linen_class(module)(**linen_fields(module))
+    variables = {k: v for k, v in variables.items() if k != wl.COLLECTION}
     interceptor = _RecordingInterceptor(recorder)
     with jax.disable_jit():
         for batch in batches:

@@ -36,9 +36,12 @@ import numpy as np
 
 from jaxq.ops import operand as O
 from jaxq.ops.dims import canonicalize, normalize_dimension_numbers
+from jaxq.ops.dot_general import lsq_operand
 from jaxq.ops.hadamard import hadamard
 from jaxq.ops.spec import Recipe
-from jaxq.quantization.qarray import QArray
+from jaxq.quantization import packing
+from jaxq.quantization.codes import encode
+from jaxq.quantization.qarray import Layout, QArray
 
 __all__ = ["QuantizedWeight", "serving_dot_general", "rotation_block", "weight_bytes"]
 
@@ -66,6 +69,8 @@ class QuantizedWeight:
             quantizer, else ``None``.
         in_scale: float32 ``(K,)`` divisor of the activations, else ``None``.
         rotation: uint32 key data of the activation rotation, else ``None``.
+        act_step: the learned activation step of a ``learned_step`` recipe (activations
+            are then fake-quantized exactly as in training: ``s · round(clip(x / s))``).
         path: the layer's module path (for messages).
         recipe: the recipe whose ``lhs`` quantizer quantizes the activations.
         kernel_shape: the kernel's shape as the layer's product sees it.
@@ -78,6 +83,7 @@ class QuantizedWeight:
     act_amax: jax.Array | None = None
     in_scale: jax.Array | None = None
     rotation: jax.Array | None = None
+    act_step: jax.Array | None = None
     path: str = dataclasses.field(default="", metadata={"static": True})
     recipe: Recipe | None = dataclasses.field(default=None, metadata={"static": True})
     kernel_shape: tuple[int, ...] = dataclasses.field(default=(), metadata={"static": True})
@@ -108,6 +114,28 @@ class QuantizedWeight:
         if self.in_scale is not None:
             w3 = w3 * self.in_scale
         return w3
+
+
+def lsq_weight(w3: jax.Array, q, step: jax.Array) -> QArray:
+    """The QArray of a canonical weight under learned step sizes (LSQ): codes
+    ``round(clip(w / s, Q_n, Q_p))`` and scales ``s``, so that it dequantizes to exactly the
+    values LSQ's forward uses."""
+    b, r, k = w3.shape
+    w3 = w3.astype(jnp.float32)
+    lo, hi = float(q.fmt.qmin), float(q.fmt.qmax)
+    if q.granularity == "block":
+        bs = q.block_size
+        y = w3.reshape(b, r, k // bs, bs) / step
+        layout, scale = Layout("block", (2,), bs), step.reshape(b, r, k // bs)
+    elif q.granularity == "row":
+        y, layout, scale = w3 / step, Layout("channel", (0, 1)), step.reshape(b, r, 1)
+    else:
+        y, layout, scale = w3 / step, Layout("tensor"), jnp.reshape(step, ())
+    codes = encode(jnp.clip(y, lo, hi), q.fmt).reshape(b, r, k)
+    if q.fmt.bits < 8:
+        codes = packing.pack(codes, bits=q.fmt.bits)
+    return QArray(codes, scale.astype(jnp.float32), None, None, q.fmt, (b, r, k),
+                  np.dtype(np.float32), layout).validate()  # fmt: skip
 
 
 def weight_bytes(tree) -> int:
@@ -164,7 +192,10 @@ def serving_dot_general(
     act = weight.recipe.lhs if weight.recipe is not None else None
     if act is not None and act.rounding == "stochastic":
         raise ValueError(f"{where}: serving does not round activations stochastically")
-    xq = O.quantize_operand(x3, act, amax=weight.act_amax, where=f"{where} activations")
+    if weight.act_step is not None:
+        xq = lsq_operand(x3, act, weight.act_step)
+    else:
+        xq = O.quantize_operand(x3, act, amax=weight.act_amax, where=f"{where} activations")
     y3 = O.matmul(xq, weight.weight)
     out_dtype = preferred_element_type or jnp.result_type(lhs, rhs)
     out = canon.out(y3).astype(out_dtype)

@@ -240,3 +240,56 @@ def test_non_finite_calibration_values_are_ignored():
     finite = jnp.where(jnp.isfinite(dirty), jnp.abs(dirty), 0.0).max()
     assert float(b.act_amax) == float(finite) <= float(a.act_amax)
     assert np.isfinite(float(b.act_amax))
+
+
+# ------------------------------------------------------- quantization-aware training
+
+
+def _perturb_steps(tree, seed):
+    leaves, treedef = jax.tree.flatten(tree)
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    return jax.tree.unflatten(treedef, [a * jnp.exp(0.2 * jax.random.normal(k, a.shape))
+                                        for a, k in zip(leaves, keys, strict=True)])  # fmt: skip
+
+
+@pytest.mark.parametrize("recipe", [jaxq.recipes.Int4(), jaxq.recipes.Int8(learned_step=True)],
+                         ids=["int4_g128_lsq", "int8_lsq"])  # fmt: skip
+def test_qat_model_with_learned_steps_converts_to_its_own_forward(recipe):
+    rules = [jaxq.Rule(".*", recipe=recipe)]
+    q = jaxq.quantize_model(_mlp(), rules)
+    for _, layer, _ in jaxq.wrapping.layers(q):  # as if trained: steps moved off their init
+        layer.jaxq_steps.set_value(_perturb_steps(layer.jaxq_steps.get_value(), 3))
+    served = ptq.convert(q, None, rules, calibration=_batches(1))
+    qw = _packed(served.model)["layers/0"]
+    assert qw.weight.codes.shape[-1] == D // 2 if recipe.rhs.fmt.bits == 4 else D
+    assert not any("jaxq_steps" in vars(layer) for _, layer, _ in
+                   jaxq.wrapping.layers(served.model))  # fmt: skip
+    x = jax.random.normal(jax.random.key(7), (5, D))
+    np.testing.assert_array_equal(np.asarray(nnx.jit(lambda m, x: m(x))(served.model, x)),
+                                  np.asarray(nnx.jit(lambda m, x: m(x))(q, x)))  # fmt: skip
+    with pytest.raises(ValueError, match="learns its step sizes"):
+        ptq.convert(_mlp(), None, rules, calibration=_batches(1))
+
+
+def test_linen_qat_model_with_learned_steps_converts_to_its_own_forward():
+    import flax.linen as nn
+
+    class MLP(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.Dense(OUT)(nn.gelu(nn.Dense(H)(x)))
+
+    rules = [jaxq.Rule(".*", recipe=jaxq.recipes.Int4(block_size=64))]
+    q = jaxq.quantize_model(MLP(), rules)
+    x = _batches(1)[0]
+    v = q.init(jax.random.key(0), x)
+    params = dict(v["params"])
+    for name in params:
+        params[name] = {**params[name],
+                        "jaxq_steps": _perturb_steps(params[name]["jaxq_steps"], 1)}  # fmt: skip
+    v = {**v, "params": params}
+    served = ptq.convert(q, v, rules, calibration=[x])
+    assert "jaxq_steps" not in served.params["params"]["Dense_0"]
+    t = jax.random.normal(jax.random.key(8), (3, D))
+    np.testing.assert_array_equal(np.asarray(jax.jit(served.model.apply)(served.params, t)),
+                                  np.asarray(jax.jit(q.apply)(v, t)))  # fmt: skip
