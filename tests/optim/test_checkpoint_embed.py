@@ -33,6 +33,7 @@ FACTORIES = {
 }
 
 
+@pytest.mark.sweep
 def test_orbax_roundtrip_and_resume_every_optimizer(tmp_path):
     key = jax.random.key(0)
     params = {"w": jax.random.normal(key, (32, 384)), "b": jnp.zeros((384,)),

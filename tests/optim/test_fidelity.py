@@ -137,6 +137,7 @@ def _check(setup: Setup, name: str) -> None:
     assert rel <= BUDGETS[name], f"{name}: {rel:+.2%} vs budget +{BUDGETS[name]:.0%}"
 
 
+@pytest.mark.sweep
 @pytest.mark.parametrize("name", ["8bit", "4bit"])  # FP8 only in the full run (time budget)
 def test_short_fidelity(name):
     _check(SHORT, name)

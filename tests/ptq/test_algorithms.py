@@ -79,11 +79,13 @@ def w4_errors():
     return out
 
 
+@pytest.mark.sweep
 @pytest.mark.parametrize("name", ["awq", "gptq", "rotate+gptq"])
 def test_w4_algorithms_beat_round_to_nearest_on_held_out_data(w4_errors, name):
     assert w4_errors[name] < 0.9 * w4_errors["rtn"], w4_errors
 
 
+@pytest.mark.sweep
 def test_smoothquant_helps_w8a8_int8_with_outlier_channels():
     model = _mlp()
     rules = [jaxq.Rule(".*", recipe=ptq.W8A8("int8"))]

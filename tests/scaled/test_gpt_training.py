@@ -75,6 +75,7 @@ def _compare(steps, config, batch_size=16, max_bytes=300_000, seed=0, budget=BUD
     return ref.val_loss, val, functools.partial(_float16_train, config, opt, **kw)
 
 
+@pytest.mark.sweep
 def test_short_float16_scalify_training():
     _compare(25, GPTConfig(d_model=32, n_heads=2, n_layers=2, seq_len=32))
 
