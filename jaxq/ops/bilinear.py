@@ -26,6 +26,7 @@ import numpy as np
 
 from jaxq.ops import operand as O
 from jaxq.ops.dot_general import _check_operands, _state_cotangent, check_state
+from jaxq.ops.dot_general import _history_amax as _amax
 from jaxq.ops.spec import OpState, Quantizer, Recipe
 from jaxq.quantization.qdq import quantize
 
@@ -52,24 +53,12 @@ def _quantize(x, q: Quantizer | None, row_axes, amax, key, where):
     axis = None if q.granularity == "tensor" else row_axes
     rounding = q.rounding
     k = key if rounding == "stochastic" else None
-    m = q.element.max
-    given = None
-    if q.scaling == "static":
-        given = jnp.float32(q.static_scale * m)
-    elif q.scaling == "delayed":
-        given = jnp.where(amax > 0, amax * 2.0**q.margin, O.observe_amax(x))
+    given = O.scaling_amax(x, q, amax)
     if given is not None:
         return quantize(x, q.fmt, axis=axis, amax=given, rounding=rounding, key=k)
     cal = q.calibration if not isinstance(q.calibration, str) else None
     kw = {} if cal is None else {"calibration": cal}
     return quantize(x, q.fmt, axis=axis, rounding=rounding, key=k, **kw)
-
-
-def _amax(state, recipe, role):
-    if role not in recipe.delayed_roles:
-        return None
-    h = state.history(role)
-    return h[0] if recipe.amax_compute == "most_recent" else jnp.max(h)
 
 
 def _keys(state, recipe):

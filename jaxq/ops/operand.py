@@ -111,13 +111,7 @@ def quantize_operand(
     else:
         kw.update(axis=2, block_size=None if isinstance(fmt, F.BlockFormat) else bs)
     m = q.element.max
-    if q.scaling == "static":
-        given = jnp.float32(q.static_scale * m)
-    elif q.scaling == "delayed":
-        current = observe_amax(x3)
-        given = jnp.where(amax > 0, amax * np.float32(2.0**q.margin), current)
-    else:
-        given = None
+    given = scaling_amax(x3, q, amax)
     if q.granularity == "block2d":
         given = _tile_amax(x3, bs)
     elif q.calibration == "absmean":
@@ -128,6 +122,20 @@ def quantize_operand(
         return quantize(x3, fmt, amax=given, **kw)
     calibration = q.calibration if not isinstance(q.calibration, str) else Absmax()
     return quantize(x3, fmt, calibration=calibration, **kw)
+
+
+def scaling_amax(x: jax.Array, q: Quantizer, amax: jax.Array | None) -> jax.Array | None:
+    """The tensor amax a ``"static"`` or ``"delayed"`` quantizer imposes on ``x``, or
+    ``None`` for ``"current"`` scaling (the quantizer's calibration then decides).
+
+    Static: ``static_scale · max``; delayed: ``amax · 2^margin`` (the history's amax), or
+    the current amax of ``x`` while the history is still zero.
+    """
+    if q.scaling == "static":
+        return jnp.float32(q.static_scale * q.element.max)
+    if q.scaling == "delayed":
+        return jnp.where(amax > 0, amax * np.float32(2.0**q.margin), observe_amax(x))
+    return None
 
 
 def _group_stat(x3: jax.Array, q: Quantizer, reduce) -> jax.Array:

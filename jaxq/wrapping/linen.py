@@ -52,7 +52,7 @@ class _Bound:
 
     def _state(self):
         r = self.recipe
-        if r.init(jax.random.key(0) if r.needs_key else None) is None:
+        if not (r.delayed_roles or r.needs_key):  # what makes Recipe.init return a state
             return None
         v = self.module.variable(COLLECTION, "state",
                                  lambda: r.init(self.key if r.needs_key else None))  # fmt: skip
