@@ -5,8 +5,10 @@ runs the original under ``nn.intercept_methods`` (a thread-local interceptor sta
 code outside the wrapped model is untouched). When a ``Dense``, ``DenseGeneral``,
 ``Einsum`` or ``Conv`` is called, the interceptor finds the first rule matching its path
 (``"/".join(module.path)``) and, for that call only, fills the layer's ``dot_general`` /
-``conv_general_dilated`` slot with a jaxq op (Linen's ``Einsum`` has no slot and stays as
-it is; ``MultiHeadDotProductAttention``'s projections are ``DenseGeneral``). The op runs
+``conv_general_dilated`` slot with a jaxq op (``MultiHeadDotProductAttention``'s
+projections are ``DenseGeneral``). Linen's ``Einsum`` calls ``jnp.einsum`` with no slot to
+fill: its call is computed by jaxq from the layer's public fields, with the same
+parameters, promotion and bias. The op runs
 inside the layer's own compact method, so it can keep its state where Flax keeps state:
 
 * recipe state (:class:`jaxq.ops.OpState`) in the collection ``"jaxq"`` at the layer's
@@ -23,18 +25,22 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import zlib
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 
 from jaxq import ops, recipes
+from jaxq.ops.einsum import _parse as _parse_einsum
+from jaxq.ops.einsum import einsum_with
 from jaxq.wrapping.rules import Rule, match
 
 __all__ = ["quantize_linen", "COLLECTION"]
 
 COLLECTION = "jaxq"
-# Linen's Einsum calls jnp.einsum with no slot to fill, so it is not wrapped.
-_SLOT = {nn.Conv: "conv", nn.DenseGeneral: "dot_general", nn.Dense: "dot_general"}
+_SLOT = {nn.Conv: "conv", nn.DenseGeneral: "dot_general", nn.Dense: "dot_general",
+         nn.Einsum: "einsum"}
 
 
 def _op_of(module) -> str | None:
@@ -79,6 +85,31 @@ class _Bound:
                                         state=self._state())  # fmt: skip
 
 
+def _einsum(module: nn.Einsum, bound: _Bound, inputs, einsum_str=None):
+    """``nn.Einsum.__call__`` with its product through ``bound`` (Linen's Einsum calls
+    ``jnp.einsum`` directly, so it has no slot): the same parameters (names, shapes,
+    initializers), dtype promotion and bias broadcasting, from the layer's public fields."""
+    if (module.einsum_str is None) == (einsum_str is None):
+        raise ValueError("nn.Einsum needs einsum_str either as a field or as a call argument")
+    spec = (module.einsum_str if einsum_str is None else einsum_str).replace(" ", "")
+    if "->" not in spec or spec.count(",") != 1:
+        raise ValueError(f"nn.Einsum einsum_str {spec!r} must be explicit with two operands")
+    kernel = module.param("kernel", module.kernel_init, module.shape, module.param_dtype)
+    bias = broadcast = None
+    if module.use_bias:
+        a, b, out = _parse_einsum(spec, jnp.ndim(inputs), len(module.shape))
+        features = [c for c in b if c in out]
+        shape = tuple(module.shape[b.index(c)] for c in features)
+        broadcast = tuple(module.shape[b.index(c)] if c in features else 1 for c in out)
+        bias = module.param("bias", module.bias_init, shape, module.param_dtype)
+    inputs, kernel, bias = module.promote_dtype(inputs, kernel, bias, dtype=module.dtype)
+    y = einsum_with(bound, spec, inputs, kernel, precision=module.precision,
+                    preferred_element_type=module.preferred_element_type)  # fmt: skip
+    if bias is not None:
+        y = y + jnp.reshape(bias, broadcast)
+    return y
+
+
 @dataclasses.dataclass(frozen=True)
 class _Interceptor:
     rules: tuple[Rule, ...]
@@ -94,8 +125,10 @@ class _Interceptor:
         if m is None or m[1].recipe is None:
             return next_fun(*args, **kwargs)
         recipe = m[1].recipe
-        key = jax.random.fold_in(self.key, hash(path) % (2**31))
+        key = jax.random.fold_in(self.key, zlib.crc32(path.encode()) % (2**31))
         bound = _Bound(module, recipe, op, key)
+        if op == "einsum":
+            return _einsum(module, bound, *args, **kwargs)
         slot = "conv_general_dilated" if op == "conv" else "dot_general"
         fill = bound.conv if op == "conv" else bound
         if getattr(module, "dot_general_cls", None) is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -82,3 +83,35 @@ def test_learned_steps_go_in_params():
     v = q.init(jax.random.key(0), TOKENS[:, :-1])
     assert "jaxq_steps" in v["params"]["layers"]["Dense_0"]
     assert "jaxq" not in v
+
+
+class _EinsumAttn(nn.Module):  # Gemma-style projections written with nn.Einsum
+    @nn.compact
+    def __call__(self, x):
+        q = nn.Einsum((64, 4, 16), "btd,dhk->bthk", name="q")(x)
+        return nn.Einsum((4, 16, 64), "...hk,hkd->...d", use_bias=False, name="o")(q)
+
+
+@pytest.mark.parametrize("recipe", [R.FP8Current(), R.Int4(block_size=64)],
+                         ids=lambda r: r.name)  # fmt: skip
+def test_linen_einsum_layers_are_wrapped_with_the_same_parameters(recipe):
+    x = jax.random.normal(jax.random.key(1), (2, 8, 64))
+    model = _EinsumAttn()
+    v0 = model.init(jax.random.key(0), x)
+    q = jaxq.quantize_model(model, [jaxq.Rule(".*", recipe=recipe)])
+    v = q.init(jax.random.key(0), x)
+    floats = {k: {n: a for n, a in p.items() if n != "jaxq_steps"}
+              for k, p in v["params"].items()}  # fmt: skip
+    assert jax.tree.structure(floats) == jax.tree.structure(v0["params"])
+    assert ("jaxq_steps" in v["params"]["q"]) == recipe.learned_step
+    params = {k: {**p, **v0["params"][k]} for k, p in v["params"].items()}  # float weights
+    y0, y = model.apply(v0, x), q.apply({**v, "params": params}, x)
+    assert 1e-3 < _rel(y, y0) < (0.4 if recipe.learned_step else 0.1)  # LSQ's initial steps
+
+    def loss(p):
+        return jnp.sum(q.apply({**v, "params": p}, x) ** 2)
+
+    g = jax.grad(loss)(params)
+    assert all(np.isfinite(a).all() and np.abs(a).sum() > 0 for a in jax.tree.leaves(g))
+    untouched = jaxq.quantize_model(model, [jaxq.Rule("nothing", recipe=R.FP8Current())])
+    np.testing.assert_array_equal(untouched.apply(v0, x), model.apply(v0, x))
