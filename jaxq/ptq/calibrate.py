@@ -20,7 +20,8 @@ and token rows holding one are left out of the Hessian and the sample.
 
 The model runs eagerly (``jax.disable_jit``), so layers inside ``nnx.scan``/``nn.scan`` are
 called once per scanned layer, in order; the ``i``-th call of a stacked layer in a batch is
-its ``i``-th slice.
+its ``i``-th slice. Abstract passes (``nn.scan`` traces its body once to infer shapes) are
+not recorded.
 """
 
 from __future__ import annotations
@@ -118,6 +119,10 @@ class Recorder:
                                 "expected a floating-point array")  # fmt: skip
         dims = normalize_dimension_numbers(dimension_numbers, where)
         canon = canonicalize(lhs.shape, rhs.shape, dims, where)
+        kw = {} if out_sharding is None else {"out_sharding": out_sharding}
+        if isinstance(lhs, jax.core.Tracer) or isinstance(rhs, jax.core.Tracer):
+            # An abstract pass (nn.scan infers its body's shapes first): nothing to record.
+            return jax.lax.dot_general(lhs, rhs, dims, precision, preferred_element_type, **kw)
         i = self._count.get(path, 0)
         self._count[path] = i + 1
         calls = self.calls.setdefault(path, [])
@@ -147,7 +152,6 @@ class Recorder:
             x3 = tx(x3)
         quantizer, names = self.want.get(path, (None, ()))
         self._accumulate(call, x3, quantizer, names)
-        kw = {} if out_sharding is None else {"out_sharding": out_sharding}
         return jax.lax.dot_general(lhs, rhs, dims, precision, preferred_element_type, **kw)
 
     def _accumulate(self, call: LayerCall, x3, quantizer, names) -> None:

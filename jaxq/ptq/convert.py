@@ -198,7 +198,8 @@ def calibrate(model, params, rules, calibration, *, plan: Plan | None = None,
         for path in probe.calls:
             kernel = _linen_kernel(params, path)
             nd = len(probe.calls[path][0].kernel_shape)
-            plan_for(path, "dot_general", tuple(jnp.shape(kernel)[: jnp.ndim(kernel) - nd]))
+            stack = tuple(jnp.shape(kernel)[: jnp.ndim(kernel) - nd])
+            plan_for(path, probe.ops[path], stack)
         S.calibrate_linen(model, params, recorder, batches)
     missed = [p for p in want if p not in recorder.calls]
     if missed:

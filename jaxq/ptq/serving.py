@@ -155,7 +155,14 @@ def calibrate_nnx(model: nnx.Module, recorder, batches) -> None:
 
 def _linen_op(module) -> str | None:
     op = wl._op_of(module)
-    return op if op == "dot_general" else None
+    return op if op in _SLOTS else None
+
+
+def _linen_call(module, op, dot, next_fun, args, kwargs):
+    """Runs a Linen layer with ``dot`` as its product (Einsum through jaxq's own call)."""
+    if op == "einsum":
+        return wl._einsum(module, dot, *args, **kwargs)
+    return _with_slot(module, dot, next_fun, args, kwargs)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -166,8 +173,8 @@ class _RecordingInterceptor:
         module = context.module
         if _linen_op(module) is None or context.method_name != "__call__":
             return next_fun(*args, **kwargs)
-        path = "/".join(map(str, module.path))
-        return _with_slot(module, self.recorder.dot(path), next_fun, args, kwargs)
+        path, op = "/".join(map(str, module.path)), _linen_op(module)
+        return _linen_call(module, op, self.recorder.dot(path, op), next_fun, args, kwargs)
 
 
 def _with_slot(module, fn, next_fun, args, kwargs):
@@ -217,7 +224,8 @@ class ServingInterceptor:
         if not module.has_variable("params", JAXQ_KERNEL):
             return next_fun(*args, **kwargs)
         qw = module.get_variable("params", JAXQ_KERNEL)
-        return _with_slot(module, _slot_fn("dot_general", qw), next_fun, args, kwargs)
+        dot = _slot_fn("dot_general", qw)
+        return _linen_call(module, _linen_op(module), dot, next_fun, args, kwargs)
 
 
 def _split_serving(tree):
