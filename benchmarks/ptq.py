@@ -23,7 +23,6 @@ import argparse
 import datetime
 import json
 import math
-import pickle
 import shutil
 import sys
 import tempfile
@@ -33,59 +32,12 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
-from common import machine
+from common import CONFIG, machine, trained_gpt
 from flax import nnx
 
 import jaxq
 from jaxq import data, ptq
-from jaxq.models import GPT, GPTConfig
-from jaxq.models.train import evaluate, make_train_step, merge_model, split_model
-
-CONFIG = GPTConfig(d_model=256, n_heads=4, n_layers=4, seq_len=64)
-CACHE = Path(__file__).parent / ".cache"
-
-
-def train(args, train_tokens, val_tokens):
-    """AdamW with warm-up, early-stopped on the validation loss; cached on disk."""
-    tag = f"gpt_d{CONFIG.d_model}_l{CONFIG.n_layers}_t{CONFIG.seq_len}_s{args.seed}_" \
-          f"m{args.max_steps}_p{args.patience}_e{args.eval_every}.pkl"  # fmt: skip
-    path = CACHE / tag
-    if path.exists():
-        with open(path, "rb") as f:
-            saved = pickle.load(f)
-        model = GPT(CONFIG, rngs=nnx.Rngs(args.seed))
-        graphdef, _ = split_model(model)
-        return merge_model(graphdef, jax.tree.map(jnp.asarray, saved["params"])), saved["log"]
-    model = GPT(CONFIG, rngs=nnx.Rngs(args.seed))
-    graphdef, params = split_model(model)
-    warmup = min(100, args.max_steps // 4)
-    schedule = optax.warmup_cosine_decay_schedule(0.0, 1e-3, warmup, args.max_steps, 1e-4)
-    opt = optax.adamw(schedule, weight_decay=0.1)
-    opt_state = opt.init(params)
-    step = make_train_step(graphdef, opt)
-    sample = jax.jit(lambda k: data.batch(train_tokens, k, batch_size=16, seq_len=CONFIG.seq_len))
-    key = jax.random.key(args.seed + 1)
-    best, best_params, since, log, t0 = math.inf, params, 0, [], time.time()
-    for i in range(1, args.max_steps + 1):
-        x, y = sample(jax.random.fold_in(key, i))
-        params, opt_state, loss = step(params, opt_state, x, y)
-        if i % args.eval_every == 0 or i == args.max_steps:
-            val = evaluate(merge_model(graphdef, params), val_tokens, max_windows=256)
-            log.append((i, float(loss), val))
-            print(f"  step {i:5d} train {float(loss):.4f} val {val:.4f} "
-                  f"({time.time() - t0:.0f} s)", flush=True)  # fmt: skip
-            if val < best - 1e-4:
-                best, since = val, 0
-                best_params = jax.tree.map(lambda a: a.copy(), params)
-            else:
-                since += 1
-                if since >= args.patience:
-                    break
-    CACHE.mkdir(exist_ok=True)
-    with open(path, "wb") as f:
-        pickle.dump({"params": jax.tree.map(np.asarray, best_params), "log": log}, f)
-    return merge_model(graphdef, best_params), log
+from jaxq.models.train import evaluate, merge_model, split_model
 
 
 def rows():
@@ -163,10 +115,10 @@ def main(argv=None) -> None:
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "ptq.md"))
     args = ap.parse_args(argv)
 
-    tokens = data.load_tokens(max_bytes=1_000_000)
-    train_tokens, val_tokens = data.split(tokens)
-    print(f"training GPT {CONFIG.n_layers}x{CONFIG.d_model} (seq {CONFIG.seq_len}) ...")
-    model, log = train(args, jnp.asarray(train_tokens), val_tokens)
+    model, log, train_tokens, val_tokens = trained_gpt(
+        max_steps=args.max_steps, eval_every=args.eval_every, patience=args.patience,
+        seed=args.seed,
+    )  # fmt: skip
     stopped = "early stop" if log[-1][0] < args.max_steps else "step cap"
     cal_key = jax.random.key(1234)
     batches = [data.batch(jnp.asarray(train_tokens), jax.random.fold_in(cal_key, i),
