@@ -11,7 +11,8 @@ STAMP := $(VENV)/.jaxq-installed
 # pinned by what pip picks there, 0.10.2 on 3.11), then with the newest such interpreter
 # (pyenv's 3.13/3.12 first, then python3.13/python3.12 on PATH) and the newest JAX pip
 # gives it, each in a virtualenv of its own. The second pass leaves out the numeric sweeps
-# over recipes (marker `sweep`), which the first pass runs, to stay within the time budget.
+# over recipes and the short end-to-end training runs (marker `sweep`), which the first pass
+# runs, to stay within the time budget.
 PYENV_ROOT ?= $(shell pyenv root 2>/dev/null || echo $$HOME/.pyenv)
 NEWEST_PYTHON ?= $(shell for v in 3.13 3.12; do \
 	p=$$(ls -d $(PYENV_ROOT)/versions/$$v*/bin/python 2>/dev/null | tail -n 1); \
@@ -60,6 +61,8 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/scaling.py
 	$(BIN)/python benchmarks/umup_transfer.py
 	$(BIN)/python benchmarks/ops.py
+	$(BIN)/python benchmarks/ptq.py
+	$(BIN)/python benchmarks/kvcache.py
 
 clean:
 	rm -rf .venv .venv-* build dist *.egg-info .pytest_cache .ruff_cache .hypothesis
