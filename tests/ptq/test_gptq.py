@@ -128,15 +128,20 @@ def reference_gptq(w, h, q, *, damp=0.01, act_order=False):
     return qv[:, np.argsort(perm)]
 
 
+def _sweep(*values):
+    """A case the newest-JAX pass of make test leaves out (it runs int4 g32)."""
+    return pytest.param(*values, marks=pytest.mark.sweep)
+
+
 @pytest.mark.parametrize(
     "q, act_order",
     [
-        (INT4_ROW, False),
+        _sweep(INT4_ROW, False),
         (INT4_G32, False),
-        (INT4_G128, False),
-        (NF4_G64, False),
-        (INT2_ROW, False),
-        (MXFP4, False),
+        _sweep(INT4_G128, False),
+        _sweep(NF4_G64, False),
+        _sweep(INT2_ROW, False),
+        _sweep(MXFP4, False),
         (INT4_G32, True),
     ],
     ids=["int4-row", "int4-g32", "int4-g128", "nf4-g64", "int2-row", "mxfp4", "int4-g32-ao"],
@@ -160,7 +165,8 @@ def test_matches_float64_reference(q, act_order):
 
 @pytest.mark.parametrize(
     "q",
-    [INT4_ROW, INT4_G32, INT4_G128, NF4_G64, INT2_ROW, MXFP4],
+    [_sweep(INT4_ROW), INT4_G32, _sweep(INT4_G128), _sweep(NF4_G64), _sweep(INT2_ROW),
+     _sweep(MXFP4)],
     ids=["int4-row", "int4-g32", "int4-g128", "nf4-g64", "int2-row", "mxfp4"],
 )
 def test_beats_round_to_nearest(q):
