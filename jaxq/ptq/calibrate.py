@@ -83,6 +83,7 @@ class Recorder:
         self.max_samples = max_samples
         self.calls: dict[str, list[LayerCall]] = {}
         self.ops: dict[str, str] = {}
+        self.unserved: dict[str, str] = {}  # reached layers with no serving path (conv...)
         self._count: dict[str, int] = {}
         self.batch = -1
 

@@ -12,8 +12,8 @@ dispatch, so the converted model's output equals the quantization-aware forward 
 activation history) bit for bit.
 
 Layers that match no rule, or a rule with ``recipe=None``, stay in float and are listed in
-the result. Convolutions and ``ragged_dot`` layers have no serving path yet and also stay
-in float.
+the result. Convolutions and ``ragged_dot`` (mixture-of-experts) layers have no serving
+path yet: they stay in float and are listed too.
 """
 
 from __future__ import annotations
@@ -223,6 +223,9 @@ def calibrate(model, params, rules, calibration, *, plan: Plan | None = None,
         out[path] = LayerRun(m[1], recipe, calls, stack, stats_,
                              steps.get(path) if recipe.learned_step else None)  # fmt: skip
     reached = [(p, recorder.ops[p]) for p in recorder.calls]
+    if nnx_model:
+        recorder.unserved.update({p: op for p, _, op in S.wn.layers(model) if op not in S._SLOTS})
+    reached += [(p, op) for p, op in recorder.unserved.items() if p not in recorder.calls]
     return out, reached
 
 

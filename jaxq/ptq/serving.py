@@ -171,6 +171,8 @@ class _RecordingInterceptor:
 
     def __call__(self, next_fun, args, kwargs, context):
         module = context.module
+        if context.method_name == "__call__" and wl._op_of(module) not in (None, *_SLOTS):
+            self.recorder.unserved["/".join(map(str, module.path))] = wl._op_of(module)
         if _linen_op(module) is None or context.method_name != "__call__":
             return next_fun(*args, **kwargs)
         path, op = "/".join(map(str, module.path)), _linen_op(module)

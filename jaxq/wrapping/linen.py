@@ -47,6 +47,9 @@ def _op_of(module) -> str | None:
     for cls, op in _SLOT.items():
         if isinstance(module, cls):
             return op
+    fields = getattr(module, "__dataclass_fields__", {})
+    if "ragged_dot" in fields and callable(getattr(module, "ragged_dot", None)):
+        return "ragged_dot"  # a mixture-of-experts layer's slot
     return None
 
 
@@ -79,6 +82,10 @@ class _Bound:
         steps = self._steps(lhs, rhs, dimension_numbers)
         return ops.dot_general(lhs, rhs, dimension_numbers, precision, preferred_element_type,
                                recipe=self.recipe, state=self._state(), steps=steps)  # fmt: skip
+
+    def ragged(self, lhs, rhs, group_sizes, *args, **kwargs):
+        return ops.ragged_dot(lhs, rhs, group_sizes, *args, **kwargs, recipe=self.recipe,
+                              state=self._state())  # fmt: skip
 
     def conv(self, lhs, rhs, *args, **kwargs):
         return ops.conv_general_dilated(lhs, rhs, *args, **kwargs, recipe=self.recipe,
@@ -129,8 +136,8 @@ class _Interceptor:
         bound = _Bound(module, recipe, op, key)
         if op == "einsum":
             return _einsum(module, bound, *args, **kwargs)
-        slot = "conv_general_dilated" if op == "conv" else "dot_general"
-        fill = bound.conv if op == "conv" else bound
+        slot = {"conv": "conv_general_dilated", "ragged_dot": "ragged_dot"}.get(op, "dot_general")
+        fill = {"conv": bound.conv, "ragged_dot": bound.ragged}.get(op, bound)
         if getattr(module, "dot_general_cls", None) is not None:
             raise ValueError(f"quantize_model: layer {path!r} uses dot_general_cls; "
                              "jaxq fills dot_general")  # fmt: skip

@@ -10,7 +10,9 @@ and ``nnx.Conv``, and gives each layer that a rule selects:
 * learned step sizes as an ``nnx.Param`` (``jaxq_steps``) for ``learned_step`` recipes;
 * a subclass of its own class whose ``__call__`` hands the layer's ``dot_general`` /
   ``einsum_op`` / ``conv_general_dilated`` slot the jaxq op with that state for the
-  duration of the call. Parameters keep their paths, objects and values; the original
+  duration of the call. A mixture-of-experts layer takes part by holding its grouped
+  matmul in a ``ragged_dot`` attribute (default ``jax.lax.ragged_dot``), the slot that
+  :func:`jaxq.ops.ragged_dot` fills. Parameters keep their paths, objects and values; the original
   model is untouched; nothing in jax or flax is patched.
 
 A train step differentiates with respect to ``nnx.Param`` *and* :class:`QuantState`; the
@@ -53,8 +55,10 @@ class QuantState(nnx.Variable):
     """
 
 
-_SLOTS = {"dot_general": "dot_general", "einsum": "einsum_op", "conv": "conv_general_dilated"}
-_OPS = {"dot_general": ops.dot_general, "einsum": ops.einsum, "conv": ops.conv_general_dilated}
+_SLOTS = {"dot_general": "dot_general", "einsum": "einsum_op", "conv": "conv_general_dilated",
+          "ragged_dot": "ragged_dot"}
+_OPS = {"dot_general": ops.dot_general, "einsum": ops.einsum, "conv": ops.conv_general_dilated,
+        "ragged_dot": ops.ragged_dot}
 
 
 def _op_of(module) -> str | None:
@@ -64,6 +68,8 @@ def _op_of(module) -> str | None:
         return "conv"
     if isinstance(module, (nnx.Linear, nnx.LinearGeneral)):
         return "dot_general"
+    if callable(vars(module).get("ragged_dot")):  # a mixture-of-experts layer's slot
+        return "ragged_dot"
     return None
 
 
@@ -110,6 +116,8 @@ def _quantized_class(cls: type) -> type:
 
 def _contraction(layer, op) -> int | None:
     """The size a block quantizer tiles along the forward contraction, if known."""
+    if op == "ragged_dot":
+        return None
     k = _get(layer.kernel)
     if isinstance(layer, nnx.Linear):
         return k.shape[-2]
@@ -126,6 +134,8 @@ def _contraction(layer, op) -> int | None:
 
 def _stack_shape(layer) -> tuple[int, ...]:
     """Leading axes of a kernel created under ``nnx.vmap`` (layers stacked for scan)."""
+    if "kernel" not in vars(layer):
+        return ()
     k = _get(layer.kernel)
     if isinstance(layer, nnx.Linear):
         return tuple(k.shape[:-2])
@@ -142,15 +152,15 @@ def _check(rule: Rule, recipe: Recipe, layer, op: str, path: str) -> None:
         raise ValueError(f"{where}: the layer uses dot_general_cls; jaxq fills dot_general")
     if slot not in vars(layer):
         raise ValueError(f"{where}: the layer has no {slot!r} slot to fill")
-    if op == "conv":
+    if op in ("conv", "ragged_dot"):
         for role, q in recipe.quantizers().items():
             if q is not None and q.granularity not in ("tensor", "row"):
                 raise ValueError(
-                    f"{where}: {role} granularity {q.granularity!r} has no conv path "
-                    "(convolutions take 'tensor' or, for the kernel, 'row')"
+                    f"{where}: {role} granularity {q.granularity!r} has no {op} path "
+                    f"({op} takes 'tensor' or, for the weight, 'row')"
                 )
         if recipe.learned_step or recipe.hadamard_wgrad:
-            raise ValueError(f"{where}: learned steps and Hadamard rotations have no conv path")
+            raise ValueError(f"{where}: learned steps and Hadamard rotations have no {op} path")
     k = _contraction(layer, op)
     for role in ("lhs", "rhs"):
         q = getattr(recipe, role)

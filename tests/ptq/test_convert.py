@@ -345,3 +345,15 @@ def test_linen_einsum_layers_convert():
     assert isinstance(served.params["params"]["o"]["kernel"], ptq.QuantizedWeight)
     y = jax.jit(served.model.apply)(served.params, x)
     assert _rel(y, model.apply(v, x)) < 0.1
+
+
+def test_layers_without_a_serving_path_stay_float_and_are_listed():
+    from wrapping.test_moe import LinenMoE, NNXMoE, X
+
+    rules = [jaxq.Rule(".*", recipe=ptq.W8())]
+    served = ptq.convert(NNXMoE(rngs=nnx.Rngs(0)), None, rules, calibration=[X])
+    assert served.float_layers == ("",)  # the experts' ragged_dot
+    v = LinenMoE().init(jax.random.key(0), X)
+    served = ptq.convert(LinenMoE(), v, rules, calibration=[X])
+    assert served.float_layers == ("",)
+    assert isinstance(served.params["params"]["router"]["kernel"], ptq.QuantizedWeight)
