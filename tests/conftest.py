@@ -4,3 +4,38 @@ import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+# Long runs (end-to-end training steps, many-variant compiles) that the first pass of
+# `make test` runs and the newest-JAX pass leaves out: they are marked `sweep` here, in one
+# place, by node-id prefix. The second pass keeps at least one test of every mechanism.
+SECOND_PASS_SKIPS = (
+    "tests/scaled/test_gpt.py::",
+    "tests/wrapping/test_linen.py::test_linen_train_step_threads_state",
+    "tests/wrapping/test_linen.py::test_resnet_with_batchnorm_train_and_eval",
+    "tests/scaled/test_transformer.py::test_fp8_gradients_within_budget",
+    "tests/scaled/test_transformer.py::test_float16_gradients_match_float32[remat-",
+    "tests/scaled/test_transformer.py::test_float16_gradients_match_float32[plain-unrolled]",
+    "tests/ops/test_state_and_transforms.py::test_transformations[mxfp4]",
+    "tests/ops/test_state_and_transforms.py::test_transformations[fp8_current]",
+    "tests/ops/test_state_and_transforms.py::test_transformations[int8]",
+    "tests/ops/test_state_and_transforms.py::test_hadamard_is_orthogonal",
+    "tests/unit_scaling/test_fp8.py::test_fp8_training_short",
+    "tests/unit_scaling/test_modules.py::test_decoder_is_unit_scaled_end_to_end",
+    "tests/quantization/test_calibration.py::test_mse_search_beats_absmax",
+    "tests/optim/test_reference.py::test_adamw_8bit_vs_optax_resynced_100_steps",
+    "tests/optim/test_reference.py::test_fp8_second_moment_never_rounds_to_zero",
+    "tests/optim/test_reference.py::test_lion_and_sgd_8bit_vs_float64_numpy",
+    "tests/wrapping/test_nnx.py::test_learned_steps_are_params_and_train",
+    "tests/models/test_train.py::test_train_reduces_loss_and_is_deterministic",
+    "tests/ptq/test_algorithms.py::test_rotation_of_a_scanned_einsum_decoder",
+    "tests/ptq/test_convert.py::test_linen_transformer_with_scan_equals_qat",
+    "tests/kvcache/test_gpt_decode.py::test_greedy",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    import pytest
+
+    for item in items:
+        if item.nodeid.startswith(SECOND_PASS_SKIPS):
+            item.add_marker(pytest.mark.sweep)
