@@ -35,7 +35,7 @@ def _err(served, model, xs):
     return num / sum(float(jnp.sum(model(x) ** 2)) for x in xs)
 
 
-CAL, TEST = _data(4, 1), _data(2, 2)
+CAL, TEST = _data(2, 1, rows=128), _data(1, 2, rows=128)
 
 
 def test_rotation_leaves_the_float_model_unchanged():

@@ -34,7 +34,7 @@ def _mlp(seed=0):
     return nnx.Sequential(nnx.Linear(D, H, rngs=rngs), nnx.gelu, nnx.Linear(H, OUT, rngs=rngs))
 
 
-def _batches(n=3, seed=1, rows=24):
+def _batches(n=2, seed=1, rows=24):
     keys = jax.random.split(jax.random.key(seed), n)
     return [jax.random.normal(k, (rows, D)) * 2.0 for k in keys]
 
