@@ -208,7 +208,7 @@ def test_bad_input_errors():
     with pytest.raises(ValueError, match=r"axis 2 is out of range .* \(4, 64\)"):
         jaxq.quantize(jnp.ones((4, 64)), "int8", axis=2)
     with pytest.raises(ValueError, match="unknown format"):
-        jaxq.quantize(jnp.ones(4), "int3")
+        jaxq.quantize(jnp.ones(4), "int5")
     with pytest.raises(ValueError, match="amax has shape"):
         jaxq.quantize(jnp.ones((4, 64)), "int8", axis=0, amax=jnp.ones(3))
 
