@@ -98,19 +98,6 @@ def cache_for(
                 dtype=c.dtype if c.dtype is not None else c.param_dtype)  # fmt: skip
 
 
-def _readout(model: GPT, x: jax.Array) -> jax.Array:
-    """Final LayerNorm and readout, as in ``GPT.__call__``."""
-    x = model.ln_f(x)
-    if model.readout is not None:
-        logits = model.readout(x)
-    else:
-        table = model.embed.embedding[...]
-        if model.config.dtype is not None:
-            x, table = x.astype(model.config.dtype), table.astype(model.config.dtype)
-        logits = model.dot_general(x, table, (((x.ndim - 1,), (1,)), ((), ())))
-    return logits.astype(jnp.float32)
-
-
 def _forward(model: GPT, tokens: jax.Array, pos, attention) -> jax.Array:
     """The model's forward with ``attention(layer, q, k, v)`` replacing the attention core."""
     b, n = tokens.shape
@@ -121,7 +108,7 @@ def _forward(model: GPT, tokens: jax.Array, pos, attention) -> jax.Array:
         y = attention(i, qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2])
         x = x + attn.out(y.reshape(b, n, -1))
         x = x + block.mlp(block.ln2(x))
-    return _readout(model, x)
+    return model.logits(x)
 
 
 def _check_cache(model: GPT, cache: KVCache, n: int, pos) -> None:

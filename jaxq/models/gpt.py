@@ -350,6 +350,10 @@ class GPT(nnx.Module):
         x = self.embed(tokens) + self.pos_embed(jnp.arange(t))[None]
         for block in self.blocks:
             x = block(x)
+        return self.logits(x)
+
+    def logits(self, x: jax.Array) -> jax.Array:
+        """Final LayerNorm and readout of the residual stream ``x``, as float32 logits."""
         x = self.ln_f(x)
         if self.readout is not None:
             logits = self.readout(x)

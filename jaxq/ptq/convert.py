@@ -125,13 +125,13 @@ def layer_transforms(lp: LayerPlan, stack: tuple[int, ...]):
     """``i -> (x_transform, w_transform)`` of a layer's plan, for its ``i``-th call."""
 
     def at(i):
+        if lp.in_scale is None and lp.rotation is None:
+            return None, None
         idx = _index(i, stack)
         probe = QuantizedWeight(
             None, None, _slice(lp.in_scale, idx), _slice(lp.rotation, idx),
             rotation_block=lp.rotation_block,
         )  # fmt: skip
-        if lp.in_scale is None and lp.rotation is None:
-            return None, None
         return probe.transform_input, probe.transform_weight
 
     return at

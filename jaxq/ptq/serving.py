@@ -71,22 +71,16 @@ def _serving_call(base: type):
         """Runs the layer on its packed weight (module docstring)."""
         qw = wn._get(vars(self)["kernel"])
         slot = _SLOTS[self.jaxq_op]
-        previous_kernel, previous_slot = vars(self)["kernel"], vars(self)[slot]
-        object.__setattr__(self, "kernel", nnx.Param(_placeholder(qw, self.jaxq_param_shape)))
-        object.__setattr__(self, slot, _slot_fn(self.jaxq_op, qw))
-        try:
-            return base.__call__(self, *args, **kwargs)
-        finally:
-            object.__setattr__(self, "kernel", previous_kernel)
-            object.__setattr__(self, slot, previous_slot)
+        placeholder = nnx.Param(_placeholder(qw, self.jaxq_param_shape))
+        replacements = {"kernel": placeholder, slot: _slot_fn(self.jaxq_op, qw)}
+        return wn.call_with(self, base, replacements, args, kwargs)
 
     return __call__
 
 
 @functools.cache
 def _serving_class(cls: type) -> type:
-    namespace = {"__call__": _serving_call(cls), "__slots__": (), "__module__": __name__}
-    return type(f"Serving{cls.__name__}", (cls,), namespace)
+    return wn.subclass(cls, "Serving", _serving_call(cls), __name__)
 
 
 def is_serving(layer) -> bool:

@@ -207,11 +207,3 @@ def serving_dot_general(
 def stacked(leaves: list) -> Any:
     """Stacks per-layer pytrees (same structure) along a new leading axis."""
     return jax.tree.map(lambda *xs: jnp.stack(xs), *leaves)
-
-
-def is_quantized_weight(x) -> bool:
-    return isinstance(x, QuantizedWeight)
-
-
-def _is_qarray(x) -> bool:
-    return isinstance(x, QArray)

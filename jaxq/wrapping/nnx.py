@@ -97,21 +97,33 @@ def _quantized_call(base: type):
             kw["state"] = _get(self.jaxq_state)
         if "jaxq_steps" in vars(self):
             kw["steps"] = _get(self.jaxq_steps)
-        previous = vars(self)[slot]
-        object.__setattr__(self, slot, functools.partial(_OPS[op], **kw))
-        try:
-            return base.__call__(self, *args, **kwargs)
-        finally:
-            object.__setattr__(self, slot, previous)
+        return call_with(self, base, {slot: functools.partial(_OPS[op], **kw)}, args, kwargs)
 
     return __call__
 
 
+def call_with(layer, base: type, replacements: dict, args, kwargs):
+    """``base.__call__(layer, ...)`` with some of the layer's attributes replaced for the
+    duration of the call (nothing outside the layer changes)."""
+    previous = {name: vars(layer)[name] for name in replacements}
+    for name, value in replacements.items():
+        object.__setattr__(layer, name, value)
+    try:
+        return base.__call__(layer, *args, **kwargs)
+    finally:
+        for name, value in previous.items():
+            object.__setattr__(layer, name, value)
+
+
+def subclass(cls: type, prefix: str, call, module: str) -> type:
+    """A subclass of a layer's class (same object layout) whose ``__call__`` is ``call``."""
+    namespace = {"__call__": call, "__slots__": (), "__module__": module}
+    return type(f"{prefix}{cls.__name__}", (cls,), namespace)
+
+
 @functools.cache
 def _quantized_class(cls: type) -> type:
-    """A subclass of a layer's class (same object layout) with the quantized ``__call__``."""
-    namespace = {"__call__": _quantized_call(cls), "__slots__": (), "__module__": __name__}
-    return type(f"Quantized{cls.__name__}", (cls,), namespace)
+    return subclass(cls, "Quantized", _quantized_call(cls), __name__)
 
 
 def _contraction(layer, op) -> int | None:

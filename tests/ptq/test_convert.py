@@ -126,17 +126,14 @@ def test_gemma_style_decoder_with_einsum_and_scan():
     tokens = [jax.random.randint(jax.random.key(i), (2, 16), 0, 256) for i in range(2)]
     rules = [jaxq.Rule(".*", recipe=ptq.W8A8("e4m3"))]
     served = ptq.convert(model, None, rules, calibration=tokens)
-    assert set(_packed(served.model)) == {
-        "blocks/attn/q", "blocks/attn/k", "blocks/attn/v", "blocks/attn/o",
-        "blocks/mlp/gate", "blocks/mlp/up", "blocks/mlp/down",
-    } or len(_packed(served.model)) >= 4
+    assert set(_packed(served.model)) == {p for p, _, _ in jaxq.wrapping.layers(model)}
     qw = _packed(served.model)["blocks/attn/q"]
     assert qw.act_amax.shape == (2,)  # one static scale per scanned layer
     q = qat_model(model, rules, served.model)
     t = jax.random.randint(jax.random.key(9), (3, 16), 0, 256)
     y_serve = nnx.jit(lambda m, t: m(t))(served.model, t)
     np.testing.assert_array_equal(np.asarray(y_serve), np.asarray(nnx.jit(lambda m, t: m(t))(q, t)))
-    assert _rel(y_serve, model(t)) < 0.1
+    assert 1e-4 < _rel(y_serve, model(t)) < 0.1
 
 
 def test_linen_transformer_with_scan_equals_qat():
@@ -168,7 +165,7 @@ def test_linen_transformer_with_scan_equals_qat():
     state = jax.tree.map(lambda x: x, state)
     y_qat = q.apply({**v, "params": variables["params"], "jaxq": state}, t)
     np.testing.assert_array_equal(np.asarray(y_serve), np.asarray(y_qat))
-    assert _rel(y_serve, model.apply(variables, t)) < 0.1
+    assert 1e-4 < _rel(y_serve, model.apply(variables, t)) < 0.1
 
 
 def test_gpt_converts_and_keeps_its_loss():
@@ -179,7 +176,8 @@ def test_gpt_converts_and_keeps_its_loss():
     tokens = [jax.random.randint(jax.random.key(i), (2, 32), 0, 256) for i in range(2)]
     served = ptq.convert(model, None, [jaxq.Rule(".*", recipe=ptq.W8())], calibration=tokens)
     t = tokens[0]
-    assert _rel(served.model(t), model(t)) < 0.01
+    assert len(_packed(served.model)) == 2 * 4  # every projection of both blocks
+    assert 1e-6 < _rel(served.model(t), model(t)) < 0.01
 
 
 def test_checkpoint_roundtrip_is_bit_exact(tmp_path):
@@ -344,7 +342,7 @@ def test_linen_einsum_layers_convert():
     assert served.float_layers == ()
     assert isinstance(served.params["params"]["o"]["kernel"], ptq.QuantizedWeight)
     y = jax.jit(served.model.apply)(served.params, x)
-    assert _rel(y, model.apply(v, x)) < 0.1
+    assert 1e-4 < _rel(y, model.apply(v, x)) < 0.1
 
 
 def test_layers_without_a_serving_path_stay_float_and_are_listed():
