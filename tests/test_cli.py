@@ -1,4 +1,4 @@
-"""Tests of the jaxq command line and its demo table."""
+"""Tests of the jaxq command line: the format table (`jaxq formats`)."""
 
 import math
 import re
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from jaxq.cli import main, parse_size
-from jaxq.demo import CASES, COLUMNS, float_sqnr_theory, make_data, sqnr_db
+from jaxq.demo.formats_table import CASES, COLUMNS, float_sqnr_theory, make_data, sqnr_db
 
 SIZE = "16K"
 
@@ -34,7 +34,7 @@ def full_table():
 
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
-        assert main(["demo", "--size", SIZE, "--seed", "0"]) == 0
+        assert main(["formats", "--size", SIZE, "--seed", "0"]) == 0
     return buf.getvalue()
 
 
@@ -92,25 +92,25 @@ def test_theory_matches_a_log_uniform_simulation():
 
 
 def test_format_filter_and_determinism(capsys):
-    assert main(["demo", "--size", "4K", "--format", "int8,e4m3", "--format", "NVFP4"]) == 0
+    assert main(["formats", "--size", "4K", "--format", "int8,e4m3", "--format", "NVFP4"]) == 0
     first = capsys.readouterr().out
     assert list(_parse(first)) == ["E4M3", "INT8 per-channel", "NVFP4"]
-    assert main(["demo", "--size", "4K", "--format", "e4m3,int8,nvfp4"]) == 0
+    assert main(["formats", "--size", "4K", "--format", "e4m3,int8,nvfp4"]) == 0
     second = capsys.readouterr().out
 
     def strip(s):
         return re.sub(r"\(\d+\.\d s\)", "", s)
 
     assert strip(first) == strip(second)
-    assert main(["demo", "--size", "4K", "--format", "e4m3", "--seed", "1"]) == 0
+    assert main(["formats", "--size", "4K", "--format", "e4m3", "--seed", "1"]) == 0
     assert _parse(capsys.readouterr().out)["E4M3"] != _parse(first)["E4M3"]
 
 
 def test_usage_errors(capsys):
-    assert main(["demo", "--size", "4K", "--format", "float7"]) == 2
+    assert main(["formats", "--size", "4K", "--format", "float7"]) == 2
     assert "unknown format" in capsys.readouterr().err
     with pytest.raises(SystemExit) as e:
-        main(["demo", "--size", "1000"])
+        main(["formats", "--size", "1000"])
     assert e.value.code == 2
     assert "multiple of 256" in capsys.readouterr().err
     with pytest.raises(SystemExit):

@@ -1,4 +1,4 @@
-"""``jaxq demo``: storage cost and quantization error of every format on four kinds of data.
+"""``jaxq formats``: storage cost and quantization error of every format on four kinds of data.
 
 For each format the demo quantizes and dequantizes four float32 arrays of shape
 ``(rows, 256)`` (same seed, same arrays for every format) and reports
@@ -27,8 +27,8 @@ Formats with 2 exponent bits (E2M1, E2M3) put much of the data in their subnorma
 fall below this line.
 
 Example:
-    >>> from jaxq.demo import run_demo, format_table
-    >>> rows = run_demo(formats=["e4m3", "int8"], size=8192, seed=0)
+    >>> from jaxq.demo.formats_table import measure_formats, format_table
+    >>> rows = measure_formats(formats=["e4m3", "int8"], size=8192, seed=0)
     >>> [r.name for r in rows]
     ['E4M3', 'INT8 per-channel']
     >>> 30 < rows[0].sqnr["gaussian"] < 34
@@ -49,10 +49,10 @@ __all__ = [
     "COLUMNS",
     "FormatCase",
     "CASES",
-    "DemoRow",
+    "FormatRow",
     "make_data",
     "sqnr_db",
-    "run_demo",
+    "measure_formats",
     "format_table",
     "float_sqnr_theory",
 ]
@@ -105,7 +105,7 @@ CASES: tuple[FormatCase, ...] = (
 
 
 @dataclasses.dataclass(frozen=True)
-class DemoRow:
+class FormatRow:
     """Result for one format.
 
     Attributes:
@@ -187,7 +187,7 @@ def _select(formats) -> list[FormatCase]:
     return [c for c in CASES if c.key in keys]
 
 
-def run_demo(*, formats=None, size: int = 2**18, seed: int = 0) -> list[DemoRow]:
+def measure_formats(*, formats=None, size: int = 2**18, seed: int = 0) -> list[FormatRow]:
     """Quantizes the demo data with each format and measures bits and SQNR.
 
     Args:
@@ -196,7 +196,7 @@ def run_demo(*, formats=None, size: int = 2**18, seed: int = 0) -> list[DemoRow]
         seed: seed of the data (numpy ``default_rng``).
 
     Returns:
-        One :class:`DemoRow` per selected format, in the order of :data:`CASES`.
+        One :class:`FormatRow` per selected format, in the order of :data:`CASES`.
 
     Raises:
         ValueError: unknown format or bad size.
@@ -218,11 +218,11 @@ def run_demo(*, formats=None, size: int = 2**18, seed: int = 0) -> list[DemoRow]
             sq[name] = sqnr_db(x, xhat)
             if name == "outliers":
                 sq[COLUMNS[-1]] = sqnr_db(x[:, ordinary], xhat[:, ordinary])
-        rows.append(DemoRow(case.name, case.granularity, bits, sq))
+        rows.append(FormatRow(case.name, case.granularity, bits, sq))
     return rows
 
 
-def format_table(rows: list[DemoRow]) -> str:
+def format_table(rows: list[FormatRow]) -> str:
     """A Markdown table of the rows: bits per element and SQNR (dB) per dataset."""
     head = "| format | scales | bits/elem | " + " | ".join(COLUMNS) + " |"
     lines = [head, "|---|---|---:|" + "---:|" * len(COLUMNS)]
