@@ -66,7 +66,7 @@ class Preset:
     n_heads: int = 4
     n_layers: int = 2
     seq_len: int = 64
-    batch_size: int = 16
+    batch_size: int = 8
     steps: int = 150
     learning_rate: float = 3e-3
     eval_windows: int = 128
@@ -88,8 +88,8 @@ PRESETS: dict[str, Preset] = {
     # About five minutes for every run on a 2-core CPU.
     "default": Preset(),
     # The runs the README quotes: a wider, deeper model, trained longer.
-    "full": Preset(d_model=256, n_heads=4, n_layers=4, steps=1500, learning_rate=1e-3,
-                   eval_windows=512, calibration_batches=16),
+    "full": Preset(d_model=256, n_heads=4, n_layers=4, batch_size=16, steps=1500,
+                   learning_rate=1e-3, eval_windows=512, calibration_batches=16),
     # The default on a GPU: bigger and longer at the same wall time.
     "gpu": Preset(d_model=512, n_heads=8, n_layers=6, seq_len=128, batch_size=32, steps=2000,
                   learning_rate=6e-4, eval_windows=512, corpus_bytes=4_000_000,
