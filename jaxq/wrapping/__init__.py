@@ -18,6 +18,7 @@ Example:
 import flax.linen as nn
 from flax import nnx as _nnx
 
+from jaxq.wrapping.checkpoint import check_signature, restore, save, signature
 from jaxq.wrapping.linen import COLLECTION, quantize_linen
 from jaxq.wrapping.nnx import (
     QuantState,
@@ -46,4 +47,5 @@ def quantize_model(model, rules, *, key=None):
 __all__ = [
     "Rule", "OPS", "match", "unused_among", "unused_rules", "quantize_model", "quantize_nnx",
     "quantize_linen", "COLLECTION", "QuantState", "layers", "update_state", "value_and_grad",
+    "signature", "check_signature", "save", "restore",
 ]  # fmt: skip

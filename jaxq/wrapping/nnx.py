@@ -290,12 +290,29 @@ def update_state(model: nnx.Module, observations) -> None:
     nnx.update(model, current)
 
 
-def value_and_grad(loss_fn, *, has_aux: bool = False):
+def value_and_grad(loss_fn, *, has_aux: bool = False, update: bool = True):
     """``nnx.value_and_grad`` of ``loss_fn(model, *args)`` for a wrapped model.
 
     Returns ``f(model, *args) -> (value, grads)`` with ``grads`` the ``nnx.Param``
     gradients (ready for ``nnx.Optimizer.update``); the model's recipe state is updated
     in place from what the ops observed in this call.
+
+    With ``update=False`` the state is left as it is and ``f`` returns ``(value, grads,
+    observations)``: for gradient accumulation, combine the microbatches' observations
+    with :func:`jaxq.recipes.merge` and apply them once per optimizer step with
+    :func:`update_state`, so the history records the maximum over all microbatches and
+    every microbatch of a step uses the same scales:
+
+    .. code-block:: python
+
+        vg = jaxq.wrapping.value_and_grad(loss_fn, update=False)
+        optimizer = nnx.Optimizer(qmodel, optax.MultiSteps(tx, k), wrt=nnx.Param)
+        seen = None
+        for x in microbatches:
+            loss, grads, obs = vg(qmodel, x)
+            optimizer.update(qmodel, grads)
+            seen = obs if seen is None else jaxq.recipes.merge(seen, obs)
+        jaxq.wrapping.update_state(qmodel, seen)
     """
     diff = nnx.DiffState(0, nnx.Any(nnx.Param, QuantState))
     vg = nnx.value_and_grad(loss_fn, argnums=diff, has_aux=has_aux)
@@ -303,6 +320,8 @@ def value_and_grad(loss_fn, *, has_aux: bool = False):
     def wrapped(model, *args, **kwargs):
         value, grads = vg(model, *args, **kwargs)
         param_grads, observations = nnx.split_state(grads, nnx.Param, QuantState)
+        if not update:
+            return value, param_grads, observations
         update_state(model, observations)
         return value, param_grads
 
