@@ -139,19 +139,17 @@ def lsq_weight(w3: jax.Array, q, step: jax.Array) -> QArray:
 
 
 def weight_bytes(tree) -> int:
-    """Real bytes of every array leaf of ``tree`` (packed codes count as stored).
+    """Real bytes of every array leaf of ``tree`` (packed codes count as stored); the same
+    count as :func:`jaxq.optim.state_nbytes`.
 
     Example:
         >>> import jax.numpy as jnp, jaxq
         >>> weight_bytes({"w": jaxq.quantize(jnp.ones((4, 256)), "int4", block_size=128)})
         544
     """
-    total = 0
-    for leaf in jax.tree.leaves(tree):
-        shape = getattr(leaf, "shape", None)
-        if shape is not None:
-            total += int(np.prod(shape, dtype=np.int64)) * np.dtype(leaf.dtype).itemsize
-    return total
+    from jaxq.optim.common import state_nbytes
+
+    return state_nbytes(tree)
 
 
 def serving_dot_general(
