@@ -3,8 +3,10 @@
 Keys are quantized per channel over blocks of ``group_size`` positions, values per token
 (KIVI); int4 codes are packed two per byte; an optional float window keeps the most recent
 ``residual`` tokens exact. See :mod:`jaxq.kvcache.kivi` for the quantization and reading
-rule, :mod:`jaxq.kvcache.cache` for the storage, and :mod:`jaxq.kvcache.gpt` for prefill,
-decode, generate and the teacher-forced loss of :class:`jaxq.models.GPT`.
+rule, :mod:`jaxq.kvcache.cache` for the storage, :mod:`jaxq.kvcache.attention` for the
+attention that reads it (grouped-query heads, a sliding window, keys cached before RoPE), and
+:mod:`jaxq.kvcache.gpt` for prefill, decode, generate and the teacher-forced loss of
+:class:`jaxq.models.GPT`.
 
 Example:
     >>> from jaxq import kvcache
@@ -13,16 +15,8 @@ Example:
     96.0
 """
 
-from jaxq.kvcache.cache import (
-    KVCache,
-    attend,
-    init,
-    nbytes_per_token,
-    read,
-    shardings,
-    update,
-    update_attend,
-)
+from jaxq.kvcache.attention import attend, teacher_forced_attention, update_attend
+from jaxq.kvcache.cache import KVCache, init, nbytes_per_token, read, shardings, update
 from jaxq.kvcache.gpt import (
     cache_for,
     decode_step,
@@ -31,7 +25,7 @@ from jaxq.kvcache.gpt import (
     teacher_forced_logits,
     teacher_forced_loss,
 )
-from jaxq.kvcache.kivi import FORMATS, teacher_forced_attention
+from jaxq.kvcache.kivi import FORMATS
 
 __all__ = [
     "FORMATS",

@@ -10,9 +10,12 @@ float and which dequantized, :math:`\\hat K_j = c^K_j s^K_{\\lfloor j/G \\rfloor
 A block of keys is quantized once, when its last position is written, with the per-channel
 maximum of its ``G`` keys; from then on its scale and codes are fixed (a running scale over a
 partial block would have to re-round earlier codes). So the stored cache never depends on
-whether tokens were written one at a time or in chunks, and with :func:`update_attend` (what
-:mod:`jaxq.kvcache.gpt` uses) neither does any attention output: a prefilled prompt, token by
-token decoding and :func:`jaxq.kvcache.teacher_forced_attention` agree. The float keys of the
+whether tokens were written one at a time or in chunks, and with
+:func:`jaxq.kvcache.update_attend` (what :mod:`jaxq.kvcache.gpt` uses) neither does any
+attention output: a prefilled prompt, token by token decoding and
+:func:`jaxq.kvcache.teacher_forced_attention` agree. The attention that reads the cache
+(grouped-query heads, sliding window, keys cached before RoPE) is in
+:mod:`jaxq.kvcache.attention`. The float keys of the
 incomplete block and of the residual window live in a ring buffer of
 :math:`W_K = \\max(R, G - 1)` positions, the residual values in one of :math:`R` positions.
 Positions must be written in order (``update`` at ``pos`` after ``0 .. pos - 1``).
@@ -22,9 +25,9 @@ only for a stacked cache, ``init(..., layers=L)``), codes packed along ``head_di
 formats; batch (axis 1) and heads (axis 3) can be sharded (:func:`shardings`).
 
 Overrun: positions ``>= max_len`` are dropped (never written, never wrapped) and counted per
-layer in ``cache.overflow``; queries past ``max_len`` attend to all stored positions. When
-``pos`` is a concrete number (outside ``jax.jit``), :func:`update` and :func:`attend` raise a
-``ValueError`` naming ``max_len`` and ``pos`` instead.
+layer in ``cache.overflow``; queries past ``max_len`` read the cache as a query at
+``max_len - 1`` does. When ``pos`` is a concrete number (outside ``jax.jit``), :func:`update`
+and :func:`jaxq.kvcache.attend` raise a ``ValueError`` naming ``max_len`` and ``pos`` instead.
 
 Example:
     >>> import jax, jax.numpy as jnp
@@ -56,10 +59,8 @@ __all__ = [
     "init",
     "update",
     "read",
-    "attend",
     "nbytes_per_token",
     "shardings",
-    "update_attend",
 ]
 
 _ARRAYS = ("k_codes", "k_scales", "v_codes", "v_scales", "k_window", "v_window", "overflow")
@@ -381,97 +382,6 @@ def _read_jit(cache, layer, pos):
     return _read_layer(_view(cache, layer), pos)
 
 
-def attend(cache: KVCache, layer, q, pos) -> jax.Array:
-    """Causal softmax attention of queries at ``pos .. pos + n - 1`` over the cache as it is.
-
-    Every query reads the cache in its current state (holding positions up to
-    ``pos + n - 1``, written by :func:`update`), query ``i`` attending to positions
-    ``<= pos + i``: ``softmax(q k^T / sqrt(D)) v`` with scores and softmax in float32, as in
-    :class:`jaxq.models.CausalSelfAttention`. For one token this is exactly what decoding
-    reads; for a chunk, :func:`update_attend` instead gives every query the state it would
-    have had when decoding token by token.
-
-    Args:
-        cache: A :class:`KVCache`.
-        layer: Layer index for a stacked cache, None otherwise.
-        q: Queries ``(batch, n, heads, head_dim)`` or ``(batch, heads, head_dim)``.
-        pos: Integer scalar (may be traced), the position of the first query.
-
-    Returns:
-        ``(batch, n, heads, head_dim)`` in ``q``'s dtype.
-
-    Raises:
-        ValueError: If ``q``'s shape does not match or a concrete ``pos`` overruns.
-    """
-    _check_layer(cache, layer)
-    q = _check_tokens(cache, q, "q")
-    pos = _check_pos(cache, pos, q.shape[1])
-    return _attend_jit(cache, _layer_index(layer, cache), q, pos)
-
-
-@jax.jit
-def _attend_jit(cache, layer, q, pos):
-    k, v = _read_layer(_view(cache, layer), pos + q.shape[1] - 1)
-    probs = kivi.softmax_probs(q, k, pos + jnp.arange(q.shape[1]))
-    return jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v).astype(q.dtype)
-
-
-def update_attend(cache: KVCache, layer, q, k, v, pos) -> tuple[jax.Array, KVCache]:
-    """:func:`update` with ``k, v``, then attention of ``q``, token-by-token exact.
-
-    Query ``i`` (at position ``pos + i``) reads every key and value exactly as it would when
-    the chunk is fed one token at a time (the reading rule of :mod:`jaxq.kvcache.kivi` at
-    state ``pos + i``), so a prefilled prompt gives the same logits as decoding it token by
-    token and as :func:`jaxq.kvcache.teacher_forced_attention`.
-
-    Args:
-        cache: A :class:`KVCache` holding positions ``0 .. pos - 1``.
-        layer: Layer index for a stacked cache, None otherwise.
-        q: Queries ``(batch, n, heads, head_dim)``; ``k``, ``v`` the same shape.
-        pos: Integer scalar (may be traced), the position of the first token.
-
-    Returns:
-        ``(out, cache)``: attention output ``(batch, n, heads, head_dim)`` in ``q``'s dtype
-        and the updated cache.
-
-    Raises:
-        ValueError, TypeError: As :func:`update` and :func:`attend`.
-    """
-    _check_layer(cache, layer)
-    q, k, v = (_check_tokens(cache, x, name) for x, name in ((q, "q"), (k, "k"), (v, "v")))
-    if not q.shape == k.shape == v.shape:
-        raise ValueError(f"q, k, v must have the same shape, got {q.shape}, {k.shape}, "
-                         f"{v.shape}")  # fmt: skip
-    pos = _check_pos(cache, pos, q.shape[1])
-    return _update_attend_jit(cache, _layer_index(layer, cache), q, k, v, pos)
-
-
-@jax.jit
-def _update_attend_jit(cache, layer, q, k, v, pos):
-    old = _view(cache, layer)
-    new = _update_layer(old, k, v, pos)
-    n, t = q.shape[1], new.max_len
-    q_pos = pos + jnp.arange(n, dtype=jnp.int32)
-    if new.format is None:
-        probs = kivi.softmax_probs(q, new.k_codes, q_pos).astype(new.v_codes.dtype)
-        out = jnp.einsum("bhqk,bkhd->bqhd", probs, new.v_codes).astype(q.dtype)
-        return out, _store(cache, layer, new)
-    # Float sources: the chunk itself, and the rings as they were before it (they hold the
-    # earlier positions any query of the chunk reads in float).
-    j = jnp.arange(t, dtype=jnp.int32)
-    in_chunk = ((j >= pos) & (j < pos + n))[None, :, None, None]
-    chunk = jnp.clip(j - pos, 0, n - 1)
-    sources = []
-    for name, x in (("k_window", k), ("v_window", v)):
-        ring = _ring(old, name, j)
-        x = x[:, chunk].astype(jnp.float32)
-        sources.append(x if ring is None else jnp.where(in_chunk, x, ring))
-    kq, vq = _dequantized(new)
-    out = kivi.mixed_attention(q, *(x.astype(new.dtype) for x in (*sources, kq, vq)), q_pos,
-                               jnp.minimum(q_pos, t - 1), new.residual, new.group_size)
-    return out, _store(cache, layer, new)
-
-
 def _nbytes(x) -> int:
     return 0 if x is None else int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize
 
@@ -522,3 +432,12 @@ def shardings(cache: KVCache, mesh, *, batch=None, heads=None) -> KVCache:
             mesh, spec.get(n, PartitionSpec(*lead, batch, None, heads, None)))
         for n in _ARRAYS
     })  # fmt: skip
+
+
+def __getattr__(name: str):
+    # attend and update_attend live in jaxq.kvcache.attention; still importable from here.
+    if name in ("attend", "update_attend"):
+        from jaxq.kvcache import attention
+
+        return getattr(attention, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

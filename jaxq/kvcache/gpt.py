@@ -38,8 +38,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxq.kvcache.cache import KVCache, init, update_attend
-from jaxq.kvcache.kivi import teacher_forced_attention
+from jaxq.kvcache.attention import teacher_forced_attention, update_attend
+from jaxq.kvcache.cache import KVCache, init
 from jaxq.models.gpt import GPT
 from jaxq.models.train import cross_entropy
 

@@ -26,7 +26,8 @@ Reading rule (with the residual window ``R``): a query at position :math:`p`, th
 holding positions :math:`0..p`, reads value :math:`j` in float iff :math:`j > p - R`, and key
 :math:`j` in float iff :math:`j > p - R` or its block is incomplete,
 :math:`j \\ge G \\lfloor (p + 1)/G \\rfloor`; otherwise the dequantized one.
-:func:`teacher_forced_attention` applies this rule at every position of a sequence at once.
+:func:`jaxq.kvcache.teacher_forced_attention` applies this rule at every position of a sequence
+at once; :mod:`jaxq.kvcache.attention` is the attention that reads keys and values by it.
 
 Example:
     >>> import jax.numpy as jnp
@@ -40,9 +41,6 @@ Example:
 """
 
 from __future__ import annotations
-
-import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -61,9 +59,6 @@ __all__ = [
     "dequantize_codes",
     "empty_codes",
     "read_masks",
-    "softmax_probs",
-    "mixed_attention",
-    "teacher_forced_attention",
 ]
 
 #: Names accepted as a cache ``fmt`` (``None`` keeps the cache in float).
@@ -182,75 +177,11 @@ def read_masks(j: jax.Array, p: jax.Array, residual: int, group_size: int):
     return recent | (j >= (p + 1) // group_size * group_size), recent
 
 
-def softmax_probs(q, k, q_pos, scores=None) -> jax.Array:
-    """float32 causal softmax of :class:`jaxq.models.CausalSelfAttention`: query ``i`` at
-    position ``q_pos[i]`` sees keys ``j <= q_pos[i]``; returns ``(batch, heads, n, T)``."""
-    if scores is None:
-        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
-    scores = scores.astype(jnp.float32) / math.sqrt(q.shape[-1])
-    mask = jnp.arange(k.shape[1])[None, :] <= q_pos[:, None]
-    scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-    return jax.nn.softmax(scores, axis=-1)
+def __getattr__(name: str):
+    # The attention that reads the cache lives in jaxq.kvcache.attention; these names stay
+    # importable from here.
+    if name in ("softmax_probs", "mixed_attention", "teacher_forced_attention"):
+        from jaxq.kvcache import attention
 
-
-def mixed_attention(q, kf, vf, kq, vq, q_pos, state, residual: int, group_size: int):
-    """Attention where query ``i`` reads each key/value in float or dequantized by
-    :func:`read_masks` at its own cache state ``state[i]`` (two score matrices and a choice
-    per pair). ``kf``/``vf`` must hold the float keys/values wherever they are read."""
-    j = jnp.arange(kf.shape[1])[None, :]
-    float_key, float_value = read_masks(j, state[:, None], residual, group_size)
-    s_float = jnp.einsum("bqhd,bkhd->bhqk", q, kf, preferred_element_type=jnp.float32)
-    s_quant = jnp.einsum("bqhd,bkhd->bhqk", q, kq, preferred_element_type=jnp.float32)
-    probs = softmax_probs(q, kf, q_pos, jnp.where(float_key, s_float, s_quant)).astype(vf.dtype)
-    out = jnp.einsum("bhqk,bkhd->bqhd", jnp.where(float_value, probs, 0), vf)
-    out = out + jnp.einsum("bhqk,bkhd->bqhd", jnp.where(float_value, 0, probs), vq)
-    return out.astype(q.dtype)
-
-
-def teacher_forced_attention(
-    q, k, v, *, fmt="int8", residual: int = 0, group_size: int = 32
-) -> jax.Array:
-    """Causal attention in which every position reads keys/values through the cache.
-
-    Position :math:`t` sees exactly what decoding token by token with a cache
-    ``init(..., fmt=fmt, residual=residual, group_size=group_size)`` gives it (float keys and
-    values where the reading rule says so, dequantized ones elsewhere), for all positions at
-    once. With ``fmt=None`` this is plain causal softmax attention.
-
-    Args:
-        q: Queries ``(batch, T, heads, head_dim)``; ``k`` and ``v`` the same shape.
-        fmt: Cache format, or None.
-        residual: Float window ``R`` (non-negative int).
-        group_size: Key block ``G`` (positive int).
-
-    Returns:
-        ``(batch, T, heads, head_dim)`` in ``q``'s dtype.
-
-    Raises:
-        ValueError: If the shapes differ or an option is invalid.
-    """
-    q, k, v = jnp.asarray(q), jnp.asarray(k), jnp.asarray(v)
-    if q.ndim != 4 or k.shape != q.shape or v.shape != q.shape:
-        raise ValueError(f"q, k, v must share a (batch, T, heads, head_dim) shape, got "
-                         f"{q.shape}, {k.shape}, {v.shape}")  # fmt: skip
-    for name, value, low in (("residual", residual, 0), ("group_size", group_size, 1)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
-    return _teacher_forced(q, k, v, resolve_format(fmt), residual, group_size)
-
-
-@functools.partial(jax.jit, static_argnums=(3, 4, 5))
-def _teacher_forced(q, k, v, fmt, residual, g):
-    b, t, h, d = q.shape
-    pos = jnp.arange(t)
-    if fmt is None:
-        probs = softmax_probs(q, k, pos).astype(v.dtype)
-        return jnp.einsum("bhqk,bkhd->bqhd", probs, v).astype(q.dtype)
-    nb = -(-t // g)
-    kp = jnp.pad(k.astype(jnp.float32), ((0, 0), (0, nb * g - t), (0, 0), (0, 0)))
-    codes, scales = quantize_groups(kp.reshape(b, nb, g, h, d), fmt, axis=2)
-    kq = dequantize_codes(codes, fmt, d) * scales[:, :, None]
-    kq = kq.reshape(b, nb * g, h, d)[:, :t].astype(k.dtype)
-    codes, scales = quantize_groups(v, fmt, axis=-1)
-    vq = (dequantize_codes(codes, fmt, d) * scales[..., None]).astype(v.dtype)
-    return mixed_attention(q, k, v, kq, vq, pos, pos, residual, g)
+        return getattr(attention, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
