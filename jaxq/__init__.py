@@ -37,7 +37,7 @@ from jaxq.scaled import ScaledArray, as_scaled_array, asarray, scalify
 __version__ = "0.1.0"
 
 _LAZY = (
-    "analysis", "data", "kernels", "kvcache", "models", "ops", "optim", "ptq", "recipes",
+    "analysis", "data", "kernels", "kvcache", "lora", "models", "ops", "optim", "ptq", "recipes",
     "unit_scaling", "wrapping",
 )  # fmt: skip
 
