@@ -63,6 +63,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/ops.py
 	$(BIN)/python benchmarks/ptq.py
 	$(BIN)/python benchmarks/kvcache.py
+	$(BIN)/python benchmarks/lora.py
 
 clean:
 	rm -rf .venv .venv-* build dist *.egg-info .pytest_cache .ruff_cache .hypothesis
