@@ -14,7 +14,7 @@ Example:
     >>> tx = us.optim.adamw(2.0 ** -3, tags=model)
 """
 
-from jaxq.unit_scaling import optim
+from jaxq.unit_scaling import optim, training
 from jaxq.unit_scaling.activations import (
     dropout,
     gelu,
@@ -93,4 +93,5 @@ __all__ = [
     "param_tags",
     # u-muP optimiser
     "optim",
+    "training",
 ]
