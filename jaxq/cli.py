@@ -122,8 +122,8 @@ def _add_demo(sub) -> None:
         + ", ".join(NAMES),
     )
     p.add_argument("--preset", choices=list(PRESETS), default=None,
-                   help="sizes: default (about 5 min on a 2-core CPU), full (the README's "
-                   "runs), gpu (bigger); default: 'gpu' on a GPU, else 'default'")
+                   help="sizes: default (meant for a 5-minute run on 2 CPU cores), full ("
+                   "the README's runs), gpu (bigger); default: 'gpu' on a GPU, else 'default'")
     p.add_argument("--steps", type=int, default=None, help="training steps per run")
     p.add_argument("--seed", type=int, default=0, help="initialisation and data seed")
     p.add_argument("--out", default="jaxq-demo", help="output directory (default ./jaxq-demo)")

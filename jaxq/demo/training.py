@@ -85,7 +85,7 @@ class Preset:
 
 
 PRESETS: dict[str, Preset] = {
-    # About five minutes for every run on a 2-core CPU.
+    # Sized for a five-minute demo on a 2-core CPU (not yet timed on a quiet machine).
     "default": Preset(),
     # The runs the README quotes: a wider, deeper model, trained longer.
     "full": Preset(d_model=256, n_heads=4, n_layers=4, batch_size=16, steps=1500,

@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from wrapping.gemma_style import rope  # the one RoPE of the test models
 
 from jaxq import kvcache
 
@@ -60,16 +61,6 @@ class Config:
         """int32 ``(layers,)``: the window of each layer."""
         return jnp.array([GLOBAL if (i + 1) % self.global_every == 0 else self.window
                           for i in range(self.layers)], jnp.int32)  # fmt: skip
-
-
-def rope(x, positions, base=10_000.0):
-    """Rotary embedding of ``x`` ``(batch, n, heads, head_dim)`` at ``positions`` ``(n,)``."""
-    half = x.shape[-1] // 2
-    freq = base ** (-jnp.arange(half, dtype=jnp.float32) / half)
-    angle = positions[:, None].astype(jnp.float32) * freq[None, :]
-    sin, cos = jnp.sin(angle)[None, :, None, :], jnp.cos(angle)[None, :, None, :]
-    x1, x2 = x[..., :half], x[..., half:]
-    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
 
 
 class Attention(nnx.Module):

@@ -4,19 +4,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from wrapping.gemma_style import rope  # the one RoPE of the test models
 
 from jaxq import kvcache
 
 B, T, HKV, HQ, D, G, R, W = 2, 24, 2, 6, 8, 4, 2, 5
-
-
-def rope(x, positions, base=10_000.0):
-    half = x.shape[-1] // 2
-    freq = base ** (-jnp.arange(half, dtype=jnp.float32) / half)
-    angle = positions[:, None].astype(jnp.float32) * freq[None, :]
-    sin, cos = jnp.sin(angle)[None, :, None, :], jnp.cos(angle)[None, :, None, :]
-    x1, x2 = x[..., :half], x[..., half:]
-    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
 
 
 def _qkv(seed=0):
