@@ -124,14 +124,14 @@ def main(argv=None):
     # ---------------------------------------------------- quantization-aware fine-tuning
     qat = jaxq.recipes.Int4(block_size=block, learned_step=True)
     qmodel = jaxq.quantize_model(model, rules(qat))  # a copy; `model` stays float
-    steps0 = qmodel.blocks[0].mlp.up.jaxq_steps.get_value()["rhs"]
+    steps0 = qmodel.blocks[0].mlp.up.jaxq_step_rhs.get_value()
     print(f"learned step sizes of blocks/0/mlp/up: {steps0.size} (one per group of {block} "
           f"weights), initialised by LSQ's rule, mean {float(steps0.mean()):.2e}")
     fine_tune = batches(qat_steps, 1)
     # Fine-tuning wants a smaller learning rate than training from scratch: Adam moves every
     # parameter, the learned step sizes included, by about the learning rate per step.
     fit(qmodel, tx, fine_tune, learning_rate=3e-4, label="QAT")
-    steps = qmodel.blocks[0].mlp.up.jaxq_steps.get_value()["rhs"]
+    steps = qmodel.blocks[0].mlp.up.jaxq_step_rhs.get_value()
     print(f"the step sizes moved by {float(jnp.abs(steps / steps0 - 1).mean()):.1%} on average")
     fit(model, tx, fine_tune, learning_rate=3e-4, label="float fine-tuning")  # same, in float
 

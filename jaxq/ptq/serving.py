@@ -87,7 +87,7 @@ def is_serving(layer) -> bool:
     return type(layer).__name__.startswith("Serving") and type(layer).__module__ == __name__
 
 
-_QAT_ATTRS = ("jaxq_op", "jaxq_recipe", "jaxq_state", "jaxq_steps")
+_QAT_ATTRS = ("jaxq_op", "jaxq_recipe", "jaxq_state", *wn.STEP_ATTRS.values())
 
 
 def unwrap_nnx(model: nnx.Module) -> nnx.Module:
@@ -107,8 +107,9 @@ def learned_steps(model, params) -> dict:
     out = {}
     if isinstance(model, nnx.Module):
         for path, layer, _ in wn.layers(model):
-            if "jaxq_steps" in vars(layer):
-                out[path] = wn._get(layer.jaxq_steps)
+            steps = wn.learned_steps_of(layer)
+            if steps is not None:
+                out[path] = steps
         return out
 
     def walk(node, prefix):

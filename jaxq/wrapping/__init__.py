@@ -23,6 +23,7 @@ from jaxq.wrapping.linen import COLLECTION, quantize_linen
 from jaxq.wrapping.nnx import (
     QuantState,
     layers,
+    learned_steps_of,
     quantize_nnx,
     unused_rules,
     update_state,
@@ -46,6 +47,6 @@ def quantize_model(model, rules, *, key=None):
 
 __all__ = [
     "Rule", "OPS", "match", "unused_among", "unused_rules", "quantize_model", "quantize_nnx",
-    "quantize_linen", "COLLECTION", "QuantState", "layers", "update_state", "value_and_grad",
-    "signature", "check_signature", "save", "restore",
+    "quantize_linen", "COLLECTION", "QuantState", "layers", "learned_steps_of", "update_state",
+    "value_and_grad", "signature", "check_signature", "save", "restore",
 ]  # fmt: skip

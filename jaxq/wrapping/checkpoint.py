@@ -32,7 +32,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from jaxq.wrapping.nnx import layers
+from jaxq.wrapping.nnx import layers, learned_steps_of
 
 __all__ = ["signature", "check_signature", "save", "restore"]
 
@@ -76,8 +76,7 @@ def signature(model) -> dict:
             entry["recipe"] = _fields(attrs["jaxq_recipe"])
         if "jaxq_state" in attrs:
             entry["state"] = _describe_tree(attrs["jaxq_state"].get_value())
-        if "jaxq_steps" in attrs:
-            entry["steps"] = _describe_tree(attrs["jaxq_steps"].get_value())
+        entry["steps"] = _describe_tree(learned_steps_of(layer))
         sig[path] = entry
     return sig
 

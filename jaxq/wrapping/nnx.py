@@ -7,7 +7,9 @@ and ``nnx.Conv``, and gives each layer that a rule selects:
 * its recipe (a static attribute) and, if the recipe has state, a :class:`QuantState`
   variable holding the :class:`jaxq.ops.OpState` (stacked over the leading axes of a
   kernel made by ``nnx.vmap``, so ``nnx.scan`` over layers slices it like the weights);
-* learned step sizes as an ``nnx.Param`` (``jaxq_steps``) for ``learned_step`` recipes;
+* learned step sizes for ``learned_step`` recipes, one array-valued ``nnx.Param`` per
+  operand that learns one (``jaxq_step_lhs``, ``jaxq_step_rhs``; :func:`learned_steps_of`
+  reads them), so that ``nnx.Optimizer`` updates them like any weight;
 * a subclass of its own class whose ``__call__`` hands the layer's ``dot_general`` /
   ``einsum_op`` / ``conv_general_dilated`` slot the jaxq op with that state for the
   duration of the call. A mixture-of-experts layer takes part by holding its grouped
@@ -44,8 +46,8 @@ from jaxq import ops, recipes
 from jaxq.ops.spec import OpState, Recipe
 from jaxq.wrapping.rules import Rule, match, unused_among
 
-__all__ = ["QuantState", "quantize_nnx", "layers", "value_and_grad", "update_state",
-           "unused_rules"]  # fmt: skip
+__all__ = ["QuantState", "quantize_nnx", "layers", "learned_steps_of", "value_and_grad",
+           "update_state", "unused_rules"]  # fmt: skip
 
 
 class QuantState(nnx.Variable):
@@ -87,6 +89,29 @@ def _get(v):
     return v.get_value() if hasattr(v, "get_value") else v.value
 
 
+STEP_ATTRS = {"lhs": "jaxq_step_lhs", "rhs": "jaxq_step_rhs"}
+
+
+def learned_steps_of(layer) -> dict | None:
+    """A wrapped layer's learned step sizes as ``{"lhs": ..., "rhs": ...}`` (``None`` for an
+    operand that learns none), or ``None`` when the layer learns no steps.
+
+    Example:
+        >>> import jaxq
+        >>> from flax import nnx
+        >>> q = jaxq.quantize_model(nnx.Linear(64, 8, rngs=nnx.Rngs(0)),
+        ...                         [jaxq.Rule(".*", recipe=jaxq.recipes.Int4(block_size=32))])
+        >>> steps = learned_steps_of(q)
+        >>> steps["lhs"] is None, steps["rhs"].shape  # int4 g32 weights: one step per group
+        (True, (1, 8, 2, 1))
+    """
+    attrs = vars(layer)
+    if not any(name in attrs for name in STEP_ATTRS.values()):
+        return None
+    return {role: _get(attrs[name]) if name in attrs else None
+            for role, name in STEP_ATTRS.items()}  # fmt: skip
+
+
 def _quantized_call(base: type):
     def __call__(self, *args, **kwargs):
         """Runs the layer with its slot bound to the jaxq op, its recipe and its state."""
@@ -95,8 +120,9 @@ def _quantized_call(base: type):
         kw = {"recipe": self.jaxq_recipe}
         if "jaxq_state" in vars(self):
             kw["state"] = _get(self.jaxq_state)
-        if "jaxq_steps" in vars(self):
-            kw["steps"] = _get(self.jaxq_steps)
+        steps = learned_steps_of(self)
+        if steps is not None:
+            kw["steps"] = steps
         return call_with(self, base, {slot: functools.partial(_OPS[op], **kw)}, args, kwargs)
 
     return __call__
@@ -206,9 +232,11 @@ def _init_steps(recipe: Recipe, layer):
         return recipes.init_steps(recipe, x, kernel, (((1,), (0,)), ((), ())))
 
     if not stack:
-        return one(k)
-    steps = jax.vmap(one)(k.reshape((-1,) + k.shape[-2:]))  # stacked layers (nnx.vmap)
-    return jax.tree.map(lambda a: a.reshape(stack + a.shape[1:]), steps)
+        steps = one(k)
+    else:  # stacked layers (nnx.vmap)
+        steps = jax.vmap(one)(k.reshape((-1,) + k.shape[-2:]))
+        steps = jax.tree.map(lambda a: a.reshape(stack + a.shape[1:]), steps)
+    return {role: s for role, s in steps.items() if s is not None}
 
 
 def quantize_nnx(model: nnx.Module, rules, *, key: jax.Array | None = None) -> nnx.Module:
@@ -222,7 +250,7 @@ def quantize_nnx(model: nnx.Module, rules, *, key: jax.Array | None = None) -> n
 
     Returns:
         The wrapped copy: same parameter tree, plus :class:`QuantState` variables (and
-        ``jaxq_steps`` params for learned steps) on the wrapped layers.
+        ``jaxq_step_lhs``/``jaxq_step_rhs`` params for learned steps) on the wrapped layers.
 
     Raises:
         ValueError: at wrap time, naming the layer path and the reason (a block size that
@@ -257,7 +285,8 @@ def quantize_nnx(model: nnx.Module, rules, *, key: jax.Array | None = None) -> n
         if state is not None:
             layer.jaxq_state = QuantState(state)
         if recipe.learned_step:
-            layer.jaxq_steps = nnx.Param(_init_steps(recipe, layer))
+            for role, steps in _init_steps(recipe, layer).items():
+                setattr(layer, STEP_ATTRS[role], nnx.Param(steps))
     return model
 
 

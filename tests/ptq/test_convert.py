@@ -260,11 +260,13 @@ def test_qat_model_with_learned_steps_converts_to_its_own_forward(recipe):
     rules = [jaxq.Rule(".*", recipe=recipe)]
     q = jaxq.quantize_model(_mlp(), rules)
     for _, layer, _ in jaxq.wrapping.layers(q):  # as if trained: steps moved off their init
-        layer.jaxq_steps.set_value(_perturb_steps(layer.jaxq_steps.get_value(), 3))
+        layer.jaxq_step_rhs.set_value(_perturb_steps(layer.jaxq_step_rhs.get_value(), 3))
+        if "jaxq_step_lhs" in vars(layer):
+            layer.jaxq_step_lhs.set_value(_perturb_steps(layer.jaxq_step_lhs.get_value(), 4))
     served = ptq.convert(q, None, rules, calibration=_batches(1))
     qw = _packed(served.model)["layers/0"]
     assert qw.weight.codes.shape[-1] == D // 2 if recipe.rhs.fmt.bits == 4 else D
-    assert not any("jaxq_steps" in vars(layer) for _, layer, _ in
+    assert not any(jaxq.wrapping.learned_steps_of(layer) for _, layer, _ in
                    jaxq.wrapping.layers(served.model))  # fmt: skip
     x = jax.random.normal(jax.random.key(7), (5, D))
     np.testing.assert_array_equal(np.asarray(nnx.jit(lambda m, x: m(x))(served.model, x)),

@@ -90,10 +90,11 @@ def test_learned_steps_are_params_and_train():
     model = Decoder(rngs=nnx.Rngs(0))
     rules = [jaxq.Rule(".*", op="dot_general", recipe=R.Int4(block_size=64))]
     q = jaxq.quantize_model(model, rules)
-    steps = q.blocks.mlp.down.jaxq_steps
+    steps = q.blocks.mlp.down.jaxq_step_rhs
     assert isinstance(steps, nnx.Param)
+    assert jaxq.wrapping.learned_steps_of(q.blocks.mlp.down)["lhs"] is None  # weights only
     opt = nnx.Optimizer(q, optax.adam(1e-2), wrt=nnx.Param)
-    before = np.asarray(steps.get_value()["rhs"])
+    before = np.asarray(steps.get_value())
 
     @nnx.jit
     def step(model, opt, tokens):
@@ -101,8 +102,10 @@ def test_learned_steps_are_params_and_train():
         opt.update(model, grads)
         return loss
 
-    step(q, opt, TOKENS)
-    assert not np.array_equal(before, np.asarray(q.blocks.mlp.down.jaxq_steps.get_value()["rhs"]))
+    losses = [float(step(q, opt, TOKENS)) for _ in range(4)]  # the optimizer keeps the steps
+    after = np.asarray(q.blocks.mlp.down.jaxq_step_rhs.get_value())
+    assert after.shape == before.shape and not np.array_equal(before, after)
+    assert losses[-1] < losses[0], losses
 
 
 def test_wrap_time_errors_name_the_layer():
