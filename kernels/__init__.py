@@ -3,11 +3,33 @@
 Each kernel has a pure-``jnp`` reference, a Pallas implementation, an availability check
 and a dispatcher that picks the kernel on GPU/TPU and XLA elsewhere. Kernels never change
 numerics: a kernel and its reference agree within a stated tolerance on random inputs.
+
+Kernels (see :func:`jaxq.kernels.registry.table` for where each implementation runs):
+
+* :func:`weight_only_matmul` — float activations × packed INT4/NF4/E2M1 or INT8 weights
+  with group or per-row scales (the serving product of :mod:`jaxq.ptq`);
+* :func:`w4a8_matmul` — E4M3 activations × packed INT4 weights (FireQ's W4A8);
+* :func:`scaled_fp8_matmul` — FP8 × FP8 with per-row/per-column scales or DeepSeek-V3's
+  1×128 × 128×128 block scales, optionally with the output's amax;
+* :func:`cast_transpose` — FP8 codes of ``x`` and ``xᵀ`` and ``x``'s amax in one pass;
+* :func:`block_quantize` — MXFP8 / MXFP4 / NVFP4 block quantization, equal to
+  :func:`jaxq.quantize` bit for bit.
+
+Every dispatcher takes ``implementation=None | "pallas" | "xla"`` (or an implementation's
+name) and ``interpret=True`` to run its Pallas kernel in interpret mode on any platform.
+``JAXQ_KERNELS=xla`` in the environment forces XLA wherever ``implementation`` is ``None``.
 """
 
 import jax
 
-__all__ = ["backend"]
+from . import registry
+from .fp8_gemm import scaled_fp8_matmul
+from .fused_quantize import block_quantize, cast_transpose
+from .w4a8 import w4a8_matmul
+from .weight_only import weight_only_matmul
+
+__all__ = ["backend", "registry", "weight_only_matmul", "w4a8_matmul", "scaled_fp8_matmul",
+           "cast_transpose", "block_quantize"]
 
 
 def backend() -> str:

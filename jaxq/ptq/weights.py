@@ -22,7 +22,9 @@ canonical ``(B, N, K)`` orientation of the layer's product (``N`` outputs, contr
 through :func:`jaxq.ops.operand.matmul`, the same dispatch point as the training ops
 (FP8 and integer GEMMs on their codes, block-scaled GEMMs where available, dequantize
 otherwise), so a layer converted from a recipe computes exactly what the recipe's
-forward computes on the same weight.
+forward computes on the same weight. Weight-only products (float activations, packed
+INT4/NF4/E2M1 or INT8 weights) run :func:`jaxq.kernels.weight_only_matmul`'s kernel where
+one is available (GPU); elsewhere they take the path above unchanged.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxq.kernels import weight_only
 from jaxq.ops import operand as O
 from jaxq.ops.dims import canonicalize, normalize_dimension_numbers
 from jaxq.ops.dot_general import lsq_operand
@@ -194,7 +197,10 @@ def serving_dot_general(
         xq = lsq_operand(x3, act, weight.act_step)
     else:
         xq = O.quantize_operand(x3, act, amax=weight.act_amax, where=f"{where} activations")
-    y3 = O.matmul(xq, weight.weight)
+    if not O.is_quantized(xq) and weight_only.kernel_for(xq, weight.weight) is not None:
+        y3 = weight_only.weight_only_matmul(xq, weight.weight)  # within its tolerance
+    else:
+        y3 = O.matmul(xq, weight.weight)
     out_dtype = preferred_element_type or jnp.result_type(lhs, rhs)
     out = canon.out(y3).astype(out_dtype)
     if out_sharding is not None:

@@ -1,0 +1,214 @@
+"""The kernel registry, platform checks and the dispatch rule every kernel follows.
+
+Each kernel module registers a :class:`Kernel`: its name, its pure-``jnp`` reference, its
+implementations in priority order (Pallas kernels first, XLA last) and the tolerance its
+kernels are held to against the reference. A dispatcher asks :func:`choose` which
+implementation to run:
+
+* ``implementation=None``: the first Pallas implementation whose availability check
+  passes (platform, device kind, JAX version, shapes), else XLA — the ``tokamax`` rule;
+* ``"pallas"``: the first available Pallas implementation, or ``ValueError`` listing why
+  each one is unavailable; an implementation's own name (e.g. ``"triton"``) picks it;
+* ``"xla"``: the reference computation compiled by XLA.
+
+The environment variable ``JAXQ_KERNELS=xla`` makes ``implementation=None`` mean ``"xla"``
+everywhere (read when a dispatcher is traced: a function already compiled under ``jit``
+keeps the choice it was traced with).
+
+Example:
+    >>> from jaxq import kernels
+    >>> "weight_only_matmul" in kernels.registry.kernels()
+    True
+    >>> kernels.registry.choose("weight_only_matmul", None, lambda impl: "no GPU")
+    'xla'
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable
+
+import jax
+
+__all__ = [
+    "Implementation", "Kernel", "register", "kernels", "get", "choose", "table", "ENV",
+    "platform", "jax_version", "gpu_compute_capability", "lower_for",
+]  # fmt: skip
+
+ENV = "JAXQ_KERNELS"
+
+
+@dataclasses.dataclass(frozen=True)
+class Implementation:
+    """One way to compute a kernel.
+
+    Attributes:
+        name: ``"triton"`` (Pallas on the Triton GPU backend), ``"mosaic_tpu"`` (Pallas on
+            Mosaic TPU) or ``"xla"`` (the reference under XLA).
+        platforms: platforms (``jax.default_backend()`` names) it runs on.
+        requires: human-readable device and JAX requirements.
+    """
+
+    name: str
+    platforms: tuple[str, ...]
+    requires: str
+
+    @property
+    def pallas(self) -> bool:
+        return self.name != "xla"
+
+
+XLA = Implementation("xla", ("cpu", "gpu", "tpu"), "any platform")
+
+
+@dataclasses.dataclass(frozen=True)
+class Kernel:
+    """A registered kernel: reference, implementations (priority order) and tolerance."""
+
+    name: str
+    module: str
+    reference: Callable
+    implementations: tuple[Implementation, ...]
+    tolerance: str
+
+    def implementation(self, name: str) -> Implementation:
+        for impl in self.implementations:
+            if impl.name == name:
+                return impl
+        names = [i.name for i in self.implementations]
+        raise ValueError(f"{self.name}: unknown implementation {name!r}; expected one of "
+                         f"None, 'pallas', {', '.join(map(repr, names))}")  # fmt: skip
+
+
+_REGISTRY: dict[str, Kernel] = {}
+
+
+def register(kernel: Kernel) -> Kernel:
+    """Adds ``kernel`` to the registry (its implementations must end with XLA)."""
+    if kernel.implementations[-1].name != "xla":
+        raise ValueError(f"{kernel.name}: the last implementation must be 'xla'")
+    _REGISTRY[kernel.name] = kernel
+    return kernel
+
+
+def kernels() -> dict[str, Kernel]:
+    """All registered kernels by name."""
+    return dict(_REGISTRY)
+
+
+def get(name: str) -> Kernel:
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown kernel {name!r}; registered: {sorted(_REGISTRY)}")
+    return _REGISTRY[name]
+
+
+def choose(name: str, implementation: str | None, why_not: Callable) -> str:
+    """The implementation a dispatcher runs (module docstring).
+
+    Args:
+        name: the registered kernel.
+        implementation: ``None``, ``"pallas"``, ``"xla"`` or an implementation's name.
+        why_not: ``why_not(impl) -> str | None``: why ``impl`` cannot run these arguments
+            here, or ``None`` when it can.
+
+    Raises:
+        ValueError: unknown implementation, or a Pallas one was asked for and none can run.
+    """
+    kernel = get(name)
+    if implementation is None and os.environ.get(ENV, "").strip().lower() == "xla":
+        implementation = "xla"
+    if implementation not in (None, "pallas"):
+        kernel.implementation(implementation)  # validates the name
+    if implementation == "xla":
+        return "xla"
+    reasons = {}
+    for impl in kernel.implementations:
+        if not impl.pallas or implementation not in (None, "pallas", impl.name):
+            continue
+        reason = why_not(impl)
+        if reason is None:
+            return impl.name
+        reasons[impl.name] = reason
+    if implementation is None:
+        return "xla"
+    detail = "; ".join(f"{k}: {v}" for k, v in reasons.items())
+    raise ValueError(f"{name}: implementation={implementation!r} cannot run here ({detail})")
+
+
+def table() -> str:
+    """A Markdown table of the kernels, their implementations and where each runs.
+
+    Example:
+        >>> from jaxq import kernels
+        >>> print(kernels.registry.table().splitlines()[0])
+        | kernel | implementation | platforms | requires | tolerance vs reference |
+    """
+    rows = ["| kernel | implementation | platforms | requires | tolerance vs reference |",
+            "|---|---|---|---|---|"]  # fmt: skip
+    for k in _REGISTRY.values():
+        for impl in k.implementations:
+            tol = k.tolerance if impl.pallas else "the reference itself"
+            rows.append(f"| {k.name} | {impl.name} | {', '.join(impl.platforms)} | "
+                        f"{impl.requires} | {tol} |")  # fmt: skip
+    return "\n".join(rows)
+
+
+# ----------------------------------------------------------------------- platform checks
+
+
+def platform() -> str:
+    """``jax.default_backend()``: ``"cpu"``, ``"gpu"`` or ``"tpu"``."""
+    return jax.default_backend()
+
+
+def jax_version() -> tuple[int, ...]:
+    """The installed JAX version as a tuple of ints, e.g. ``(0, 10, 2)``."""
+    parts = []
+    for p in jax.__version__.split(".")[:3]:
+        digits = "".join(ch for ch in p if ch.isdigit())
+        parts.append(int(digits or 0))
+    return tuple(parts)
+
+
+def gpu_compute_capability() -> float | None:
+    """Compute capability of the first GPU (e.g. ``9.0`` for H100), or ``None``."""
+    if platform() != "gpu":
+        return None
+    cc = getattr(jax.devices()[0], "compute_capability", None)
+    try:
+        return float(cc)
+    except (TypeError, ValueError):
+        return None
+
+
+def check_gpu(min_cc: float) -> str | None:
+    """``None`` when the default device is an NVIDIA GPU of compute capability ``min_cc``
+    or newer, else the reason it is not."""
+    if platform() != "gpu":
+        return f"needs a GPU, the default backend is {platform()!r}"
+    cc = gpu_compute_capability()
+    if cc is None:
+        return "needs an NVIDIA GPU with a compute capability (ROCm is not supported)"
+    if cc < min_cc:
+        return f"needs compute capability >= {min_cc}, the GPU has {cc}"
+    return None
+
+
+H100 = "NVIDIA H100 80GB HBM3"
+
+
+def lower_for(fn: Callable, *args, target: str = "cuda", device_kind: str = H100):
+    """Lowers ``jax.jit(fn)`` on abstract ``args`` for a platform this machine lacks.
+
+    ``target="cuda"`` lowers for an abstract GPU of ``device_kind`` (JAX >= 0.12 needs the
+    device kind to pick the Triton target; it is given by an abstract mesh), ``"tpu"`` for
+    TPU. Returns the ``jax.stages.Lowered``; nothing is compiled.
+    """
+    if target == "cuda" and jax_version() >= (0, 12):
+        device = jax.sharding.AbstractDevice(device_kind=device_kind, num_cores=None,
+                                             platform="gpu")  # fmt: skip
+        mesh = jax.sharding.AbstractMesh((1,), ("_",), abstract_device=device)
+        with jax.sharding.use_abstract_mesh(mesh):
+            return jax.jit(fn).trace(*args).lower(lowering_platforms=(target,))
+    return jax.jit(fn).trace(*args).lower(lowering_platforms=(target,))

@@ -1,0 +1,66 @@
+"""Helpers shared by the kernel tests."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jaxq.kernels import registry as R
+
+
+def assert_within(y, ref, bound, rel, atol=1e-6):
+    """``|y - ref| <= rel · bound + atol`` elementwise, NaN where ``ref`` is NaN."""
+    y, ref, bound = (np.asarray(a, np.float64) for a in (y, ref, bound))
+    np.testing.assert_array_equal(np.isnan(y), np.isnan(ref))
+    ok = np.isnan(ref) | (np.abs(y - ref) <= rel * bound + atol)
+    if not ok.all():
+        worst = np.nanmax(np.abs(y - ref) / (rel * bound + atol))
+        raise AssertionError(f"{(~ok).sum()} of {ok.size} elements out of tolerance "
+                             f"(worst {worst:.3g}x the bound)")
+
+
+def abs_product(x, w):
+    """``Σ_k |x_mk| |w_nk|`` (batched like the operands), the scale of a product's error."""
+    nb = x.ndim - 2
+    dims = (((x.ndim - 1,), (x.ndim - 1,)), (tuple(range(nb)), tuple(range(nb))))
+    return jax.lax.dot_general(jnp.abs(x.astype(jnp.float32)), jnp.abs(w.astype(jnp.float32)),
+                               dims, precision=jax.lax.Precision.HIGHEST)
+
+
+def lower_or_skip(fn, *args, target="cuda"):
+    """Lowers ``fn`` for an abstract H100 (``"cuda"``) or TPU; skips, printing why, when this
+    jaxlib cannot."""
+    try:
+        return R.lower_for(fn, *args, target=target)
+    except Exception as e:  # noqa: BLE001 — any lowering failure becomes a printed skip
+        reason = f"cannot lower for {target} with jax {jax.__version__}: {type(e).__name__}: {e}"
+        print(reason)
+        pytest.skip(reason[:300])
+
+
+def random_qarray(fmt, group, shape, seed=0):
+    """A valid :class:`jaxq.QArray` with uniformly random codes (every code value, the
+    largest included) and random positive float32 scales, built without ``jaxq.quantize``
+    (whose compilation would dominate these tests). ``group``: elements per block along
+    the last axis, ``None`` for one scale per row, ``"tensor"`` for one scale."""
+    from jaxq import formats as F
+    from jaxq.quantization.qarray import Layout, QArray
+
+    fmt = F.get(fmt)
+    rng = np.random.default_rng(seed)
+    shape = tuple(shape)
+    if fmt.bits == 4:
+        codes = rng.integers(0, 256, shape[:-1] + (shape[-1] // 2,), dtype=np.uint8)
+    elif fmt == F.INT8:
+        codes = rng.integers(-127, 128, shape, dtype=np.int8)
+    else:
+        codes = rng.standard_normal(shape).astype(fmt.dtype)
+    nd = len(shape)
+    if group == "tensor":
+        layout = Layout("tensor")
+    elif group is None:
+        layout = Layout("channel", tuple(range(nd - 1)))
+    else:
+        layout = Layout("block", (nd - 1,), group)
+    scale = rng.uniform(0.01, 0.1, layout.scale_shape(shape)).astype(np.float32)
+    return QArray(jnp.asarray(codes), jnp.asarray(scale), None, None, fmt, shape,
+                  np.dtype(np.float32), layout).validate()  # fmt: skip
