@@ -22,14 +22,14 @@ name) and ``interpret=True`` to run its Pallas kernel in interpret mode on any p
 
 import jax
 
-from . import registry
+from . import registry, weight_only_tpu
 from .fp8_gemm import scaled_fp8_matmul
 from .fused_quantize import block_quantize, cast_transpose
 from .w4a8 import w4a8_matmul
 from .weight_only import weight_only_matmul
 
 __all__ = ["backend", "registry", "weight_only_matmul", "w4a8_matmul", "scaled_fp8_matmul",
-           "cast_transpose", "block_quantize"]
+           "cast_transpose", "block_quantize", "weight_only_tpu"]
 
 
 def backend() -> str:

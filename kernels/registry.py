@@ -196,19 +196,23 @@ def check_gpu(min_cc: float) -> str | None:
 
 
 H100 = "NVIDIA H100 80GB HBM3"
+TPU_V5E = "TPU v5 lite"
 
 
-def lower_for(fn: Callable, *args, target: str = "cuda", device_kind: str = H100):
+def lower_for(fn: Callable, *args, target: str = "cuda", device_kind: str | None = None):
     """Lowers ``jax.jit(fn)`` on abstract ``args`` for a platform this machine lacks.
 
-    ``target="cuda"`` lowers for an abstract GPU of ``device_kind`` (JAX >= 0.12 needs the
-    device kind to pick the Triton target; it is given by an abstract mesh), ``"tpu"`` for
-    TPU. Returns the ``jax.stages.Lowered``; nothing is compiled.
+    ``target="cuda"`` lowers for an abstract GPU of ``device_kind`` (default an H100),
+    ``"tpu"`` for an abstract TPU (default a v5e): Pallas reads the device kind, to pick
+    the Triton target or the TPU generation, from the abstract mesh in scope. Returns the
+    ``jax.stages.Lowered``; nothing is compiled, so the Triton and Mosaic compilers that
+    run at compile time on the device have not seen the kernel.
     """
-    if target == "cuda" and jax_version() >= (0, 12):
-        device = jax.sharding.AbstractDevice(device_kind=device_kind, num_cores=None,
-                                             platform="gpu")  # fmt: skip
-        mesh = jax.sharding.AbstractMesh((1,), ("_",), abstract_device=device)
-        with jax.sharding.use_abstract_mesh(mesh):
-            return jax.jit(fn).trace(*args).lower(lowering_platforms=(target,))
-    return jax.jit(fn).trace(*args).lower(lowering_platforms=(target,))
+    if target not in ("cuda", "tpu"):
+        raise ValueError(f"target must be 'cuda' or 'tpu', got {target!r}")
+    kind = device_kind or (H100 if target == "cuda" else TPU_V5E)
+    device = jax.sharding.AbstractDevice(device_kind=kind, num_cores=1,
+                                         platform="gpu" if target == "cuda" else "tpu")
+    mesh = jax.sharding.AbstractMesh((1,), ("_",), abstract_device=device)
+    with jax.sharding.use_abstract_mesh(mesh):
+        return jax.jit(fn).trace(*args).lower(lowering_platforms=(target,))

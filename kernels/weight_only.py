@@ -153,9 +153,9 @@ def _k_step(w: QArray) -> int | None:
 
 def why_not(impl: R.Implementation, x, w: QArray, *, interpret: bool = False) -> str | None:
     """Why ``impl`` cannot multiply these arguments here (``None``: it can)."""
-    if impl.name != "triton":
+    if impl.name not in ("triton", "mosaic_tpu"):
         return f"no {impl.name} implementation"
-    if not interpret:
+    if not interpret and impl.name == "triton":
         reason = R.check_gpu(8.0)
         if reason:
             return reason
@@ -177,6 +177,10 @@ def why_not(impl: R.Implementation, x, w: QArray, *, interpret: bool = False) ->
             return f"K = {w.shape[-1]} needs a multiple of {16 * (2 if w.packed else 1)}"
     else:
         return "per-tensor scale (use channel or block scales)"
+    if impl.name == "mosaic_tpu":
+        from . import weight_only_tpu
+
+        return weight_only_tpu.why_not(x, w, interpret=interpret)
     return None
 
 
@@ -293,9 +297,13 @@ def weight_only_matmul(
         w: a :class:`jaxq.QArray` of shape ``(N, K)`` or ``(B, N, K)`` (INT4, NF4, E2M1 or
             INT8; group scales along ``K`` or per-row scales).
         implementation: ``None`` (kernel if available, else XLA), ``"pallas"``,
-            ``"triton"`` or ``"xla"`` (see :mod:`jaxq.kernels.registry`).
+            ``"triton"`` (GPU), ``"mosaic_tpu"`` (TPU, :mod:`~jaxq.kernels.weight_only_tpu`)
+            or ``"xla"`` (see :mod:`jaxq.kernels.registry`).
         interpret: run the Pallas kernel in interpret mode (any platform; for tests).
         config: tiling of the Triton kernel.
+
+    ``implementation="pallas"`` with ``interpret=True`` picks the Triton kernel (the first
+    listed); name ``"mosaic_tpu"`` to interpret the TPU kernel.
 
     Returns:
         float32 ``(M, N)`` or ``(B, M, N)``.
@@ -310,6 +318,10 @@ def weight_only_matmul(
                     lambda i: why_not(i, x, w, interpret=interpret))  # fmt: skip
     if impl == "xla":
         return reference(x, w)
+    if impl == "mosaic_tpu":
+        from . import weight_only_tpu
+
+        return weight_only_tpu.matmul(x, w, _fmt_name(w), interpret)
     return _triton(x, w, config or Config(), interpret)
 
 
@@ -331,6 +343,8 @@ R.register(R.Kernel(
     implementations=(
         R.Implementation("triton", ("gpu",), "NVIDIA GPU, compute capability >= 8.0; "
                          "INT4/NF4/E2M1/INT8, groups 32-256 or per-row scales"),
+        R.Implementation("mosaic_tpu", ("tpu",), "TPU; as triton, and K/2 a multiple of 4·g "
+                         "bytes (or at most 8192)"),
         R.XLA,
     ),
     tolerance="2^-7 · Σ|x·w| (bf16/f16 activations), 1e-5 · Σ|x·w| (f32)",

@@ -101,12 +101,13 @@ def test_dispatch_on_cpu_is_the_reference_bit_for_bit(monkeypatch):
 
 def test_unsupported_weights_fall_back_and_bad_input_raises():
     x = jnp.ones((2, 64))
-    for w in (jaxq.quantize(jnp.ones((8, 64)), "uint4", block_size=32),  # zero points
-              jaxq.quantize(jnp.ones((8, 64)), "int4"),  # per-tensor
-              jaxq.quantize(jnp.ones((8, 64)), "mxfp4")):
-        assert wo.why_not(kernels.registry.get("weight_only_matmul").implementations[0],
-                          x, w, interpret=True) is not None
-        np.testing.assert_array_equal(kernels.weight_only_matmul(x, w), wo.reference(x, w))
+    impl = kernels.registry.get("weight_only_matmul").implementations[0]
+    per_tensor = _weight("int4", "tensor", (8, 64))
+    for w, why in ((per_tensor, "per-tensor"), (_weight("e4m3", 32, (8, 64)), "format"),
+                   (_weight("int4", 16, (8, 64)), "groups of 32")):
+        assert why in wo.why_not(impl, x, w, interpret=True)
+    np.testing.assert_array_equal(kernels.weight_only_matmul(x, per_tensor, interpret=True),
+                                  wo.reference(x, per_tensor))  # falls back to XLA
     w = _weight("int4", 32, (8, 64))
     with pytest.raises(TypeError, match="QArray"):
         kernels.weight_only_matmul(x, jnp.ones((8, 64)))
@@ -122,3 +123,38 @@ def test_lowers_for_h100(fmt, group):
     x = jax.ShapeDtypeStruct((8, 512), jnp.bfloat16)
     low = lower_or_skip(lambda x, w: wo._triton(x, w, wo.Config(), False), x, w)
     assert "triton" in low.as_text()
+
+
+@functools.partial(jax.jit, static_argnames=())
+def _tpu(x, w):
+    return kernels.weight_only_matmul(x, w, implementation="mosaic_tpu", interpret=True)
+
+
+def test_mosaic_tpu_kernel_matches_reference():
+    """Ragged N (300 = 256 + 44), two K steps of eight groups, bfloat16 activations."""
+    w = _weight("int4", 32, (300, 512), seed=5)
+    x = jax.random.normal(jax.random.key(6), (5, 512)).astype(jnp.bfloat16)
+    assert_within(_tpu(x, w), wo.reference(x, w), abs_product(x, jaxq.dequantize(w)),
+                  REL[np.dtype(jnp.bfloat16)])
+
+
+@pytest.mark.sweep
+@pytest.mark.parametrize("fmt,group,dtype,shape,m", [
+    ("nf4", 128, jnp.float32, (100, 384), 20),  # K/2 = 192: one full-extent K step
+    ("int8", None, jnp.bfloat16, (130, 256), 3),
+    ("e2m1", 64, jnp.float16, (2, 40, 1024), 7),  # batched
+])
+def test_mosaic_tpu_kernel_formats(fmt, group, dtype, shape, m):
+    w = _weight(fmt, group, shape, seed=7)
+    x = jax.random.normal(jax.random.key(8), shape[:-2] + (m, shape[-1])).astype(dtype)
+    assert_within(_tpu(x, w), wo.reference(x, w), abs_product(x, jaxq.dequantize(w)),
+                  REL[np.dtype(dtype)])
+
+
+@pytest.mark.parametrize("fmt,group", [("int4", 32), ("nf4", 128), ("int8", None)])
+def test_mosaic_tpu_kernel_lowers_for_tpu(fmt, group):
+    w = _weight(fmt, group, (256, 1024))
+    x = jax.ShapeDtypeStruct((16, 1024), jnp.bfloat16)
+    low = lower_or_skip(lambda x, w: kernels.weight_only_tpu.matmul(x, w, fmt, False), x, w,
+                        target="tpu")
+    assert "tpu_custom_call" in low.as_text()
