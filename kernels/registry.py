@@ -213,6 +213,7 @@ def lower_for(fn: Callable, *args, target: str = "cuda", device_kind: str | None
     kind = device_kind or (H100 if target == "cuda" else TPU_V5E)
     device = jax.sharding.AbstractDevice(device_kind=kind, num_cores=1,
                                          platform="gpu" if target == "cuda" else "tpu")
-    mesh = jax.sharding.AbstractMesh((1,), ("_",), abstract_device=device)
+    mesh = jax.sharding.AbstractMesh((1,), ("_",), (jax.sharding.AxisType.Auto,),
+                                     abstract_device=device)
     with jax.sharding.use_abstract_mesh(mesh):
         return jax.jit(fn).trace(*args).lower(lowering_platforms=(target,))
