@@ -23,6 +23,10 @@ after a run long enough for the loss to be far below the unigram entropy (``make
 fidelity``, marker ``fidelity``). A short run of the small default decoder (marker
 ``sweep``, in ``make test``) checks that the quantized runs track float32 step by step
 within a looser bound.
+
+Measured (``make fidelity``, 600 steps of the ``FULL`` decoder, 2-core CPU): validation loss
+1.3950 nats/token in float32; FP8 current 1.3999 (+0.35%), MXFP8 1.3980 (+0.21%), INT8 QAT
+1.4016 (+0.47%).
 """
 
 from __future__ import annotations
