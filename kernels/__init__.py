@@ -4,10 +4,12 @@ Each kernel has a pure-``jnp`` reference, a Pallas implementation, an availabili
 and a dispatcher that picks the kernel on GPU/TPU and XLA elsewhere. Kernels never change
 numerics: a kernel and its reference agree within a stated tolerance on random inputs.
 
-Kernels (see :func:`jaxq.kernels.registry.table` for where each implementation runs):
+Kernels (see :func:`jaxq.kernels.registry.table` for where each implementation runs);
+all have a Pallas Triton implementation for NVIDIA GPUs:
 
 * :func:`weight_only_matmul` — float activations × packed INT4/NF4/E2M1 or INT8 weights
-  with group or per-row scales (the serving product of :mod:`jaxq.ptq`);
+  with group or per-row scales (the serving product of :mod:`jaxq.ptq`), also as a Pallas
+  Mosaic TPU kernel (:mod:`jaxq.kernels.weight_only_tpu`);
 * :func:`w4a8_matmul` — E4M3 activations × packed INT4 weights (FireQ's W4A8);
 * :func:`scaled_fp8_matmul` — FP8 × FP8 with per-row/per-column scales or DeepSeek-V3's
   1×128 × 128×128 block scales, optionally with the output's amax;
