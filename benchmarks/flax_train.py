@@ -42,6 +42,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import importlib.metadata
+import os
 import statistics
 import sys
 import time
@@ -425,7 +426,9 @@ def write(args, lines, notes, seconds) -> None:
         "",
         f"Machine: {machine()}. JAX {jax.__version__}, Flax {flax.__version__}, "
         f"optax {_version('optax')}, qwix {_version('qwix')}. "
-        f"{datetime.date.today().isoformat()}, {seconds:.0f} s.",
+        f"{datetime.date.today().isoformat()}, {seconds:.0f} s; load average "
+        f"{os.getloadavg()[0]:.1f} at the end (other work on the machine slows every "
+        "variant alike, but differences of a few percent are within run-to-run noise).",
         "",
         f"Command: `{cmd.strip()}`",
         "",
