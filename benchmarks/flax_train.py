@@ -19,7 +19,7 @@ are calibrated, not delayed scaling):
 |---|---|
 | ``FP8Current()`` | E4M3 weights, activations; E5M2 gradients; per tensor |
 | ``FP8Delayed()`` | none: qwix keeps no amax history |
-| ``MXFP8()`` | ``"mxfp8"`` everywhere, tiles of 32 named for all three products |
+| ``MXFP8()`` | ``"mxfp8"``, tiles of 32 named (backward: gradient MX, other operand float) |
 | ``Int8()`` | weights, activations int8 (per channel / per token), gradients float |
 
 The step is the same for every variant: ``jax.jit`` of forward, backward and an optax
