@@ -12,8 +12,10 @@ Example:
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import datetime
+import os
 import platform
 import sys
 import time
@@ -24,7 +26,7 @@ import jax.numpy as jnp
 
 from jaxq.demo import report
 from jaxq.demo.serving import SERVING, calibration_batches, checkpoint_bytes, serve_run
-from jaxq.demo.training import PRESETS, RUNS, Preset, corpus, train_run
+from jaxq.demo.training import PRESETS, RUNS, Preset, corpus, prepare_run, train_run
 
 __all__ = ["NAMES", "select", "run"]
 
@@ -126,12 +128,12 @@ def run(names=None, *, preset: str | Preset = "default", steps: int | None = Non
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
     trained, served, files = [], [], []
+    training = [spec for spec in specs if spec.name in RUNS]
     with _Bars(progress) as bars:
-        for spec in specs:
-            if spec.name not in RUNS:
-                continue
+        prepared = _prepare(training, preset, seed, bars, log if not progress else None)
+        for spec, ready in zip(training, prepared, strict=True):
             update = bars.task(spec.label.format(g=preset.group), preset.steps)
-            result = train_run(spec, preset, seed=seed,
+            result = train_run(spec, preset, seed=seed, prepared=ready,
                                on_step=lambda i, loss, u=update: u(i, f"loss {loss:.3f}"))
             update(preset.steps, f"val {result.val_loss:.3f}")
             if not progress:
@@ -167,6 +169,23 @@ def run(names=None, *, preset: str | Preset = "default", steps: int | None = Non
     return {"table": table, "markdown": md, "header": header, "out": out, "files": files,
             "trained": trained, "served": served,
             "seconds": time.perf_counter() - t_start}  # fmt: skip
+
+
+def _prepare(specs, preset: Preset, seed: int, bars, log) -> list:
+    """Builds and compiles every training run before any is timed, compiling on all cores
+    at once (XLA compiles outside Python's lock); training then runs one run at a time."""
+    t0 = time.perf_counter()
+    update = bars.task(f"compiling {len(specs)} train steps", len(specs))
+    workers = max(1, min(len(specs), os.cpu_count() or 1))
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+        futures = [pool.submit(prepare_run, spec, preset, seed=seed) for spec in specs]
+        for done, _ in enumerate(concurrent.futures.as_completed(futures), 1):
+            update(done)
+        prepared = [f.result() for f in futures]
+    if log is not None:
+        log(f"  compiled {len(specs)} train steps on {workers} threads "
+            f"({time.perf_counter() - t0:.0f} s)")
+    return prepared
 
 
 def _state(model):

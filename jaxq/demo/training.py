@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -269,8 +270,49 @@ def corpus(corpus_bytes: int) -> tuple[np.ndarray, np.ndarray]:
     return data.split(data.load_tokens(max_bytes=corpus_bytes))
 
 
+class PreparedRun:
+    """A run built and compiled, ready to train (:func:`prepare_run`).
+
+    Attributes:
+        spec: the :class:`RunSpec`.
+        graphdef, params, rest, opt_state: the split model and its optimizer state.
+        step: the compiled train step (:func:`make_step`, compiled ahead of time).
+        weight_bytes, optimizer_bytes: as in :class:`RunResult`.
+        seconds: wall time spent building and compiling.
+    """
+
+    def __init__(self, spec, graphdef, params, rest, opt_state, step, seconds):
+        self.spec, self.graphdef, self.params, self.rest = spec, graphdef, params, rest
+        self.opt_state, self.step, self.seconds = opt_state, step, seconds
+        self.weight_bytes = optim.state_nbytes(params)
+        self.optimizer_bytes = optim.state_nbytes(opt_state)
+
+
+_TRACE_LOCK = threading.Lock()
+
+
+def prepare_run(spec: RunSpec, preset: Preset, *, seed: int = 0) -> PreparedRun:
+    """Builds a run's model and optimizer and compiles its train step ahead of time.
+
+    Building and tracing hold a lock (they are Python work); XLA's compilation runs outside
+    it, so several runs prepared from a thread pool compile on several cores at once while
+    the timed training steps still run one run at a time (:func:`jaxq.demo.run.run`).
+    """
+    t_start = time.perf_counter()
+    with _TRACE_LOCK:
+        model, tx, loss_fn = build(spec, preset, seed)
+        graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+        opt_state = tx.init(params)
+        batch = jax.ShapeDtypeStruct((preset.batch_size, preset.seq_len), jnp.int32)
+        lowered = make_step(graphdef, tx, loss_fn).lower(params, rest, opt_state, batch, batch)
+    step = lowered.compile()
+    return PreparedRun(spec, graphdef, params, rest, opt_state, step,
+                       time.perf_counter() - t_start)  # fmt: skip
+
+
 def train_run(spec: RunSpec, preset: Preset, *, seed: int = 0,
-              on_step: Callable[[int, float], None] | None = None) -> RunResult:  # fmt: skip
+              on_step: Callable[[int, float], None] | None = None,
+              prepared: PreparedRun | None = None) -> RunResult:  # fmt: skip
     """Trains one run of the demo and evaluates it.
 
     Args:
@@ -278,19 +320,22 @@ def train_run(spec: RunSpec, preset: Preset, *, seed: int = 0,
         preset: sizes (:data:`PRESETS`).
         seed: initialisation and data seed, shared by every run.
         on_step: called as ``on_step(step, loss)`` after every step (progress bars).
+        prepared: the run from :func:`prepare_run` with the same arguments (default: prepared
+            here).
 
     Returns:
         A :class:`RunResult`. A diverged run records non-finite losses rather than stopping.
+        Its ``seconds`` include the preparation.
     """
+    if prepared is None:
+        prepared = prepare_run(spec, preset, seed=seed)
     t_start = time.perf_counter()
+    if prepared.spec is not spec:
+        raise ValueError(f"prepared is the run {prepared.spec.name!r}, not {spec.name!r}")
     train_np, val_np = corpus(preset.corpus_bytes)
     train_tokens = jnp.asarray(train_np)
-    model, tx, loss_fn = build(spec, preset, seed)
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    opt_state = tx.init(params)
-    optimizer_bytes = optim.state_nbytes(opt_state)
-    weight_bytes = optim.state_nbytes(params)
-    step = make_step(graphdef, tx, loss_fn)
+    params, rest, opt_state = prepared.params, prepared.rest, prepared.opt_state
+    prepared.params = prepared.rest = prepared.opt_state = None  # donated below
     sample = jax.jit(functools.partial(data.batch, batch_size=preset.batch_size,
                                        seq_len=preset.seq_len))  # fmt: skip
     data_key = jax.random.fold_in(jax.random.key(seed), 2)
@@ -298,15 +343,16 @@ def train_run(spec: RunSpec, preset: Preset, *, seed: int = 0,
     for i in range(preset.steps):
         inputs, targets = sample(train_tokens, jax.random.fold_in(data_key, i))
         t0 = time.perf_counter()
-        params, rest, opt_state, loss = step(params, rest, opt_state, inputs, targets)
+        params, rest, opt_state, loss = prepared.step(params, rest, opt_state, inputs, targets)
         loss = float(loss)
         times.append(time.perf_counter() - t0)
         losses.append(loss)
         if on_step is not None:
             on_step(i + 1, loss)
-    model = nnx.merge(graphdef, params, rest)
+    model = nnx.merge(prepared.graphdef, params, rest)
     val = window_losses(model, val_np, seq_len=preset.seq_len, windows=preset.eval_windows)
     steady = times[2:] if len(times) > 3 else times
     return RunResult(spec, spec.label.format(g=preset.group), np.asarray(losses, np.float32),
-                     val, float(np.min(steady)),
-                     weight_bytes, optimizer_bytes, model, time.perf_counter() - t_start)
+                     val, float(np.min(steady)), prepared.weight_bytes,
+                     prepared.optimizer_bytes, model,
+                     prepared.seconds + time.perf_counter() - t_start)  # fmt: skip
