@@ -64,6 +64,8 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/ptq.py
 	$(BIN)/python benchmarks/kvcache.py
 	$(BIN)/python benchmarks/lora.py
+	$(BIN)/python benchmarks/flax_train.py
+	$(BIN)/python benchmarks/kernels.py
 
 clean:
 	rm -rf .venv .venv-* build dist *.egg-info .pytest_cache .ruff_cache .hypothesis

@@ -198,6 +198,23 @@ def test_non_finite_inputs():
         np.testing.assert_array_equal(d[:, 32:], 1.0)
 
 
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("name", ["mxfp4", "nvfp4", "int4", "nf4"])
+def test_a_non_finite_element_poisons_its_block_at_every_shape(name, value):
+    # Larger shapes take XLA:CPU's vectorized reductions, whose max drops NaN.
+    rng = np.random.default_rng(0)
+    for shape in [(2, 64), (40, 192), (7, 96), (1, 256)]:
+        x = rng.standard_normal(shape).astype(np.float32)
+        r, c = rng.integers(shape[0]), rng.integers(shape[1])
+        x[r, c] = value
+        kw = {} if name in ("mxfp4", "nvfp4") else {"block_size": 32}
+        d = np.asarray(jaxq.dequantize(jaxq.quantize(jnp.asarray(x), name, **kw)))
+        block = 16 if name == "nvfp4" else 32
+        lo = c // block * block
+        assert np.all(np.isnan(d[r, lo:lo + block])), (shape, r, c)
+        assert np.sum(~np.isfinite(d)) == block, (shape, r, c)
+
+
 def test_bad_input_errors():
     with pytest.raises(TypeError, match="floating-point"):
         jaxq.quantize(jnp.ones((4, 4), jnp.int8), "int8")
