@@ -235,18 +235,26 @@ def make_step(graphdef, tx: optax.GradientTransformation, loss_fn):
     return jax.jit(step, donate_argnums=(0, 1, 2))
 
 
-def window_losses(model, val_tokens, *, seq_len: int, windows: int, batch_size: int = 64):
-    """Mean cross-entropy (nats/token) of ``model`` on the first ``windows`` consecutive
-    held-out windows of ``seq_len`` tokens (each position scored once, with its full left
-    context in the window)."""
-    graphdef, state = nnx.split(model)
+def make_eval(graphdef):
+    """The jitted ``(state, inputs, targets) -> per-window mean cross-entropy`` of a model
+    split as ``nnx.split(model)`` (:func:`window_losses` batches the windows)."""
 
-    @jax.jit
     def per_window(state, x, y):
         logits = nnx.merge(graphdef, state)(x)
         return optax.softmax_cross_entropy_with_integer_labels(
             logits.astype(jnp.float32), y).mean(axis=-1)  # fmt: skip
 
+    return jax.jit(per_window)
+
+
+def window_losses(model, val_tokens, *, seq_len: int, windows: int, batch_size: int = 64,
+                  evaluate=None):  # fmt: skip
+    """Mean cross-entropy (nats/token) of ``model`` on the first ``windows`` consecutive
+    held-out windows of ``seq_len`` tokens (each position scored once, with its full left
+    context in the window). ``evaluate``: :func:`make_eval` of the model's graph, possibly
+    compiled ahead of time for ``(batch_size, seq_len)`` batches (default: made here)."""
+    graphdef, state = nnx.split(model)
+    per_window = make_eval(graphdef) if evaluate is None else evaluate
     tokens = np.asarray(val_tokens)
     n = min(windows, (tokens.shape[0] - 1) // seq_len)
     if n < 1:
@@ -277,18 +285,21 @@ class PreparedRun:
         spec: the :class:`RunSpec`.
         graphdef, params, rest, opt_state: the split model and its optimizer state.
         step: the compiled train step (:func:`make_step`, compiled ahead of time).
+        evaluate: the compiled held-out evaluation (:func:`make_eval`).
         weight_bytes, optimizer_bytes: as in :class:`RunResult`.
         seconds: wall time spent building and compiling.
     """
 
-    def __init__(self, spec, graphdef, params, rest, opt_state, step, seconds):
+    def __init__(self, spec, graphdef, params, rest, opt_state, step, evaluate, seconds):
         self.spec, self.graphdef, self.params, self.rest = spec, graphdef, params, rest
-        self.opt_state, self.step, self.seconds = opt_state, step, seconds
+        self.opt_state, self.step, self.evaluate = opt_state, step, evaluate
+        self.seconds = seconds
         self.weight_bytes = optim.state_nbytes(params)
         self.optimizer_bytes = optim.state_nbytes(opt_state)
 
 
 _TRACE_LOCK = threading.Lock()
+_EVAL_BATCH = 64  # window_losses' default batch_size
 
 
 def prepare_run(spec: RunSpec, preset: Preset, *, seed: int = 0) -> PreparedRun:
@@ -305,8 +316,11 @@ def prepare_run(spec: RunSpec, preset: Preset, *, seed: int = 0) -> PreparedRun:
         opt_state = tx.init(params)
         batch = jax.ShapeDtypeStruct((preset.batch_size, preset.seq_len), jnp.int32)
         lowered = make_step(graphdef, tx, loss_fn).lower(params, rest, opt_state, batch, batch)
-    step = lowered.compile()
-    return PreparedRun(spec, graphdef, params, rest, opt_state, step,
+        full_graphdef, full_state = nnx.split(model)
+        windows = jax.ShapeDtypeStruct((_EVAL_BATCH, preset.seq_len), jnp.int32)
+        lowered_eval = make_eval(full_graphdef).lower(full_state, windows, windows)
+    step, evaluate = lowered.compile(), lowered_eval.compile()
+    return PreparedRun(spec, graphdef, params, rest, opt_state, step, evaluate,
                        time.perf_counter() - t_start)  # fmt: skip
 
 
@@ -350,7 +364,8 @@ def train_run(spec: RunSpec, preset: Preset, *, seed: int = 0,
         if on_step is not None:
             on_step(i + 1, loss)
     model = nnx.merge(prepared.graphdef, params, rest)
-    val = window_losses(model, val_np, seq_len=preset.seq_len, windows=preset.eval_windows)
+    val = window_losses(model, val_np, seq_len=preset.seq_len, windows=preset.eval_windows,
+                        batch_size=_EVAL_BATCH, evaluate=prepared.evaluate)  # fmt: skip
     steady = times[2:] if len(times) > 3 else times
     return RunResult(spec, spec.label.format(g=preset.group), np.asarray(losses, np.float32),
                      val, float(np.min(steady)), prepared.weight_bytes,
