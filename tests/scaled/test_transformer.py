@@ -148,5 +148,9 @@ def test_mean_cotangent_enters_the_scale():
     x = jax.random.normal(jax.random.key(SEED), (1024, 1024)).astype(jnp.float16)
     g = scalify(jax.grad(lambda a: jnp.mean(a * a)))(as_scaled_array(x))
     want = 2 * x.astype(np.float32) / x.size  # about 2^-19: below float16's subnormals
-    assert _rel(asarray(g, jnp.float32), want) < 1e-3
-    assert float(jnp.mean(g.data == 0)) == 0.0
+    assert _rel(asarray(g, jnp.float32), want) < 1e-3, WHERE
+    # Nothing underflows because of the 1/N: a zero may only come from x's own last bit
+    # (the scaled sum of the two x*ct terms halves each, and 2^-25 rounds to 0 in float16).
+    zero = np.asarray(g.data) == 0
+    tiny = np.abs(np.asarray(x, np.float32)) <= 2.0**-24
+    assert not (zero & ~tiny).any(), WHERE
