@@ -1,6 +1,7 @@
 """Train-step time of wrapped Flax models (Linen and NNX): jaxq beside qwix, over float32.
 
-Two small decoders in the style of Flax's examples, written here rather than for jaxq:
+Two small decoders in the style of Flax's examples, not written for jaxq (the test suite's
+reference models, ``tests/wrapping/linen_models.py`` and ``tests/wrapping/gemma_style.py``):
 
 * **Linen**: a pre-LayerNorm transformer LM whose layers run under ``nn.scan``
   (``MultiHeadDotProductAttention``, a ``Dense`` GELU MLP, an untied ``Dense`` head);
@@ -50,12 +51,15 @@ import traceback
 from pathlib import Path
 
 import flax
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
 from common import machine
 from flax import nnx
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from wrapping.gemma_style import Decoder  # noqa: E402  (the reference models' one home)
+from wrapping.linen_models import TransformerLM  # noqa: E402
 
 import jaxq
 from jaxq import recipes as R
@@ -92,112 +96,6 @@ def qwix_rule(fmt: str, module_path: str):
 
 
 # ---------------------------------------------------------------------------- models
-
-
-class LinenLayer(nn.Module):
-    """Pre-LayerNorm decoder layer (attention, GELU MLP), the ``nn.scan`` body."""
-
-    d: int
-    heads: int
-
-    @nn.compact
-    def __call__(self, x, _):
-        mask = nn.make_causal_mask(jnp.ones(x.shape[:2]))
-        h = nn.MultiHeadDotProductAttention(num_heads=self.heads, deterministic=True)(
-            nn.LayerNorm()(x), mask=mask)  # fmt: skip
-        x = x + h
-        h = nn.Dense(self.d)(nn.gelu(nn.Dense(4 * self.d)(nn.LayerNorm()(x))))
-        return x + h, None
-
-
-class LinenLM(nn.Module):
-    """Linen transformer LM: embedding, ``layers`` scanned decoder layers, a Dense head."""
-
-    vocab: int = 256
-    d: int = 128
-    heads: int = 4
-    layers: int = 2
-
-    @nn.compact
-    def __call__(self, tokens):
-        x = nn.Embed(self.vocab, self.d)(tokens)
-        stack = nn.scan(LinenLayer, variable_axes={"params": 0, "jaxq": 0},
-                        split_rngs={"params": True}, length=self.layers)  # fmt: skip
-        x, _ = stack(self.d, self.heads, name="layers")(x, None)
-        return nn.Dense(self.vocab, name="head")(nn.LayerNorm()(x))
-
-
-def rope(x, positions, base=10_000.0):
-    """Rotary position embedding of ``x`` (``[batch, time, heads, head_dim]``)."""
-    half = x.shape[-1] // 2
-    freq = base ** (-jnp.arange(half, dtype=jnp.float32) / half)
-    angle = positions[:, None].astype(jnp.float32) * freq[None, :]
-    sin, cos = jnp.sin(angle)[None, :, None, :], jnp.cos(angle)[None, :, None, :]
-    x1, x2 = x[..., :half], x[..., half:]
-    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-
-
-class Attention(nnx.Module):
-    """Grouped-query causal attention with ``nnx.Einsum`` projections and RoPE."""
-
-    def __init__(self, d, heads, kv_heads, head_dim, *, rngs):
-        self.heads, self.kv_heads = heads, kv_heads
-        self.q = nnx.Einsum("btd,dhk->bthk", (d, heads, head_dim), rngs=rngs)
-        self.k = nnx.Einsum("btd,dhk->bthk", (d, kv_heads, head_dim), rngs=rngs)
-        self.v = nnx.Einsum("btd,dhk->bthk", (d, kv_heads, head_dim), rngs=rngs)
-        self.o = nnx.Einsum("bthk,hkd->btd", (heads, head_dim, d), rngs=rngs)
-
-    def __call__(self, x):
-        t = x.shape[1]
-        pos = jnp.arange(t)
-        q, k, v = rope(self.q(x), pos), rope(self.k(x), pos), self.v(x)
-        rep = self.heads // self.kv_heads
-        k, v = jnp.repeat(k, rep, axis=2), jnp.repeat(v, rep, axis=2)
-        s = jnp.einsum("bqhk,bshk->bhqs", q, k) / jnp.sqrt(q.shape[-1]).astype(q.dtype)
-        p = jax.nn.softmax(jnp.where(jnp.tril(jnp.ones((t, t), bool)), s, -1e9), axis=-1)
-        return self.o(jnp.einsum("bhqs,bshk->bqhk", p, v))
-
-
-class Block(nnx.Module):
-    """RMSNorm → attention, RMSNorm → gated GELU MLP, both residual."""
-
-    def __init__(self, d, heads, kv_heads, head_dim, hidden, *, rngs):
-        self.attn_norm = nnx.RMSNorm(d, rngs=rngs)
-        self.attn = Attention(d, heads, kv_heads, head_dim, rngs=rngs)
-        self.mlp_norm = nnx.RMSNorm(d, rngs=rngs)
-        self.gate = nnx.Linear(d, hidden, use_bias=False, rngs=rngs)
-        self.up = nnx.Linear(d, hidden, use_bias=False, rngs=rngs)
-        self.down = nnx.Linear(hidden, d, use_bias=False, rngs=rngs)
-
-    def __call__(self, x):
-        x = x + self.attn(self.attn_norm(x))
-        h = self.mlp_norm(x)
-        return x + self.down(jax.nn.gelu(self.gate(h)) * self.up(h))
-
-
-class GemmaStyle(nnx.Module):
-    """Gemma-style NNX decoder: blocks made with ``nnx.vmap``, run with ``nnx.scan``."""
-
-    def __init__(self, vocab=256, d=128, layers=2, heads=4, kv_heads=2, head_dim=32,
-                 hidden=512, *, rngs):  # fmt: skip
-        self.embed = nnx.Embed(vocab, d, rngs=rngs)
-
-        @nnx.split_rngs(splits=layers)
-        @nnx.vmap(in_axes=(0,), out_axes=0)
-        def make(rngs):
-            return Block(d, heads, kv_heads, head_dim, hidden, rngs=rngs)
-
-        self.blocks = make(rngs)
-        self.norm = nnx.RMSNorm(d, rngs=rngs)
-
-    def __call__(self, tokens):
-        x = self.embed(tokens) * jnp.sqrt(self.embed.features).astype(jnp.float32)
-
-        @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
-        def run(x, block):
-            return block(x)
-
-        return self.embed.attend(self.norm(run(x, self.blocks)))
 
 
 # ------------------------------------------------------------------------- train steps
@@ -263,7 +161,7 @@ def wrap(family, kind, fmt, x, *, d, layers):
     times, wrapped = [], None
     for _ in range(3):
         if family == "linen":
-            model = LinenLM(d=d, layers=layers)
+            model = TransformerLM(d=d, layers=layers)
             if fmt == "float32":
                 return model, None
             t0 = time.perf_counter()
@@ -275,7 +173,7 @@ def wrap(family, kind, fmt, x, *, d, layers):
                 rule = qwix_rule(fmt, r"layers/(Dense_\d+|MultiHeadDotProductAttention_0/.+)")
                 wrapped = qwix.quantize_model(model, qwix.QtProvider([rule]))
         else:
-            model = GemmaStyle(d=d, layers=layers, rngs=nnx.Rngs(0))
+            model = Decoder(d=d, layers=layers, head_dim=32, hidden=4 * d, rngs=nnx.Rngs(0))
             if fmt == "float32":
                 return model, None
             t0 = time.perf_counter()
@@ -285,7 +183,7 @@ def wrap(family, kind, fmt, x, *, d, layers):
             else:
                 # the projections (blocks/attn/q, blocks/mlp/up, ...), not the attention
                 # products computed in blocks/attn itself
-                rule = qwix_rule(fmt, r"blocks/(attn/[qkvo]|gate|up|down)")
+                rule = qwix_rule(fmt, r"blocks/(attn/[qkvo]|mlp/(gate|up|down))")
                 wrapped = qwix.quantize_model(model, qwix.QtProvider([rule]), x)
         jax.block_until_ready(jax.tree.leaves(nnx.state(wrapped)) if family == "nnx" else [])
         times.append(time.perf_counter() - t0)
