@@ -183,13 +183,33 @@ def evaluate(
         True
     """
     graphdef, params = split_model(model)
-    return _mean_window_loss(
+    return mean_window_loss(
         functools.partial(_window_losses, graphdef, params), tokens, model.config.seq_len,
         batch_size=batch_size, max_windows=max_windows,
     )  # fmt: skip
 
 
-def _mean_window_loss(window_losses, tokens, seq_len, *, batch_size=64, max_windows=None):
+def mean_window_loss(window_losses, tokens, seq_len: int, *, batch_size: int = 64,
+                     max_windows: int | None = None) -> float:  # fmt: skip
+    """Mean cross-entropy over consecutive held-out windows, by a per-window loss function.
+
+    ``tokens`` is cut into ``n`` non-overlapping windows of ``seq_len + 1`` tokens (stride
+    ``seq_len``; at most ``max_windows``); ``window_losses(inputs, targets)`` maps a batch of
+    ``batch_size`` windows (``[batch_size, seq_len]`` int32 each) to their per-window mean
+    losses, and the result is
+
+    .. math:: \\frac{1}{n} \\sum_{w=1}^{n} \\ell_w .
+
+    Every batch has the same shape (the last one is padded and its padding dropped), so a
+    jitted or ahead-of-time compiled ``window_losses`` compiles once. :func:`evaluate` and
+    the demo's evaluations use it.
+
+    Example:
+        >>> import numpy as np
+        >>> per_window = lambda x, y: np.asarray(y, np.float32).mean(axis=-1)
+        >>> mean_window_loss(per_window, np.arange(9), 4, batch_size=8)  # windows 0..4, 4..8
+        4.5
+    """
     tokens = np.asarray(tokens)
     if tokens.ndim != 1:
         raise ValueError(f"tokens must be 1-D, got shape {tokens.shape}")
@@ -358,7 +378,7 @@ def _train_quantized(model, optimizer, recipe, steps, sample, train_tokens, val_
     window_losses = lowp.quantized_window_losses(
         graphdef, trainable["params"], recipe, state, trainable["steps"]
     )
-    val_loss = _mean_window_loss(window_losses, val_tokens, model.config.seq_len,
+    val_loss = mean_window_loss(window_losses, val_tokens, model.config.seq_len,
                                  max_windows=eval_windows)  # fmt: skip
     return TrainResult(losses, val_loss, graphdef, trainable["params"], opt_state, state,
                        trainable["steps"])  # fmt: skip
