@@ -15,7 +15,7 @@ from flax import nnx
 from jaxq.lora import core as C
 from jaxq.lora import linen as L
 from jaxq.lora import nnx as N
-from jaxq.ptq.convert import _batches, _check_rules, _needs, convert
+from jaxq.ptq.convert import calibrates_activations, calibration_batches, check_rules, convert
 from jaxq.wrapping import nnx as wn
 from jaxq.wrapping.rules import Rule, match
 
@@ -95,12 +95,12 @@ def adapt(model, params, rules, config: C.LoRA | None = None, *, calibration=Non
         >>> out.model.kernel.get_value().weight.codes.shape   # NF4: two codes a byte
         (1, 64, 64)
     """
-    rules = _check_rules(rules)
+    rules = check_rules(rules)
     config = C.LoRA() if config is None else config
     if not isinstance(config, C.LoRA):
         raise TypeError(f"jaxq.lora.adapt: config must be a jaxq.lora.LoRA, got {config!r}")
     key = jax.random.key(0) if key is None else key
-    batches = _batches(calibration, "jaxq.lora.adapt")
+    batches = calibration_batches(calibration, "jaxq.lora.adapt")
     conv_rules = [Rule(r.module_path, r.op, C.base_recipe(r.recipe)) for r in rules]
     if isinstance(model, nnx.Module):
         if params is not None:
@@ -205,7 +205,7 @@ def _merge_rules(infos: dict, rules, layers) -> list[Rule]:
     if rules is None:
         out = [Rule(re.escape(p), i.op, _requant(i.recipe)) for p, i in infos.items()]
         return out + [Rule(".*", recipe=None)]
-    rules = _check_rules(rules)
+    rules = check_rules(rules)
     problems = []
     for path, op in layers:
         m = match(rules, path, op)
@@ -304,9 +304,10 @@ def merge(model, params=None, rules=None, *, calibration=None):
         raise ValueError("jaxq.lora.merge: the model has no adapters (make it with "
                          "jaxq.lora.adapt)")  # fmt: skip
     merge_rules = _merge_rules(infos, rules, layers)
-    batches = _batches(calibration, "jaxq.lora.merge")
+    batches = calibration_batches(calibration, "jaxq.lora.merge")
     if not batches:
-        needs = [r.recipe.name for r in merge_rules if r.recipe is not None and _needs(r.recipe)]
+        needs = [r.recipe.name for r in merge_rules
+                 if r.recipe is not None and calibrates_activations(r.recipe)]  # fmt: skip
         if needs or sample is None:
             raise ValueError(f"jaxq.lora.merge: pass calibration batches (recipes {needs} "
                              "calibrate activations, or adapt saw no sample)")  # fmt: skip

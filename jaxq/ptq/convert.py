@@ -35,7 +35,8 @@ from jaxq.ptq.plan import LayerPlan, Plan
 from jaxq.ptq.weights import QuantizedWeight, lsq_weight, stacked
 from jaxq.wrapping.rules import Rule, match
 
-__all__ = ["convert", "Converted", "calibrate"]
+__all__ = ["convert", "Converted", "calibrate", "calibration_batches", "check_rules",
+           "calibrates_activations"]  # fmt: skip
 
 
 class Converted(typing.NamedTuple):
@@ -55,7 +56,16 @@ class Converted(typing.NamedTuple):
     float_layers: tuple[str, ...]
 
 
-def _batches(calibration, where="jaxq.ptq.convert"):
+def calibration_batches(calibration, where: str = "jaxq.ptq.convert") -> list[tuple]:
+    """The calibration batches as a list of argument tuples, checked: every argument an
+    array, every batch with the arguments of the first (only the leading axis may differ).
+    ``where`` names the caller in the errors. ``None`` gives no batches.
+
+    Example:
+        >>> import numpy as np
+        >>> [len(b) for b in calibration_batches([np.zeros((2, 3)), (np.ones((5, 3)),)])]
+        [1, 1]
+    """
     if calibration is None:
         return []
     out = []
@@ -79,7 +89,8 @@ def _batches(calibration, where="jaxq.ptq.convert"):
     return out
 
 
-def _check_rules(rules) -> tuple[Rule, ...]:
+def check_rules(rules) -> tuple[Rule, ...]:
+    """``rules`` as a tuple, each one a :class:`jaxq.Rule` (else ``TypeError``)."""
     rules = tuple(rules)
     for r in rules:
         if not isinstance(r, Rule):
@@ -87,8 +98,8 @@ def _check_rules(rules) -> tuple[Rule, ...]:
     return rules
 
 
-def _needs(recipe: Recipe) -> bool:
-    """Whether the recipe's activation scale is calibrated."""
+def calibrates_activations(recipe: Recipe) -> bool:
+    """Whether serving ``recipe`` needs a calibrated (static) activation scale."""
     return recipe.lhs is not None and recipe.lhs.scaling == "delayed"
 
 
@@ -157,9 +168,9 @@ def calibrate(model, params, rules, calibration, *, plan: Plan | None = None,
 
     This is the run every algorithm and :func:`convert` start from.
     """
-    rules = _check_rules(rules)
+    rules = check_rules(rules)
     plan = Plan() if plan is None else plan
-    batches = _batches(calibration)
+    batches = calibration_batches(calibration)
     nnx_model = isinstance(model, nnx.Module)
     if not nnx_model and not isinstance(model, nn.Module):
         raise TypeError(f"jaxq.ptq: model must be a Flax NNX or Linen module, got {model!r}")
@@ -172,7 +183,7 @@ def calibrate(model, params, rules, calibration, *, plan: Plan | None = None,
         recipe = None if m is None else m[1].recipe
         if recipe is not None:
             _check_recipe(recipe, path, steps.get(path))
-            names = tuple(s for s in stats if s != "amax" or _needs(recipe))
+            names = tuple(s for s in stats if s != "amax" or calibrates_activations(recipe))
             want[path] = (recipe.lhs, names)
         transforms[path] = layer_transforms(plan.layer(path), stack)
         stacks[path] = stack
@@ -293,7 +304,7 @@ def quantize_weight(recipe: Recipe, call, stats: dict, lp: LayerPlan, idx, path:
         amax = O.observe_amax(w3) if q.scaling == "delayed" else None
         wq = O.quantize_operand(w3, q, amax=amax, where=f"jaxq.ptq layer {path!r} weight")
     amax = None
-    if _needs(recipe) and act_step is None:
+    if calibrates_activations(recipe) and act_step is None:
         amax = jnp.asarray(stats["amax"], jnp.float32)
     return QuantizedWeight(
         wq, amax, _slice(lp.in_scale, idx), _slice(lp.rotation, idx), act_step, path=path,
