@@ -99,11 +99,17 @@ class QuantizedWeight:
         """Real bytes of the stored leaves (codes, scales, activation metadata)."""
         return weight_bytes(self)
 
+    def _rotate(self, x3: jax.Array) -> jax.Array:
+        key = jax.random.wrap_key_data(self.rotation)
+        # Compiled as one program even while calibration runs the model eagerly
+        # (jax.disable_jit): op by op, each butterfly stage would compile on its own.
+        with jax.disable_jit(False):
+            return hadamard(x3.astype(jnp.float32), -1, key=key, block_size=self.rotation_block)
+
     def transform_input(self, x3: jax.Array) -> jax.Array:
         """Applies the rotation and the smoothing divisor to canonical activations."""
         if self.rotation is not None:
-            key = jax.random.wrap_key_data(self.rotation)
-            x3 = hadamard(x3.astype(jnp.float32), -1, key=key, block_size=self.rotation_block)
+            x3 = self._rotate(x3)
         if self.in_scale is not None:
             x3 = x3.astype(jnp.float32) / self.in_scale
         return x3
@@ -112,8 +118,7 @@ class QuantizedWeight:
         """The float weight transformed to match :meth:`transform_input` (``w Qᵀ · s``)."""
         w3 = w3.astype(jnp.float32)
         if self.rotation is not None:
-            key = jax.random.wrap_key_data(self.rotation)
-            w3 = hadamard(w3, -1, key=key, block_size=self.rotation_block)
+            w3 = self._rotate(w3)
         if self.in_scale is not None:
             w3 = w3 * self.in_scale
         return w3

@@ -43,10 +43,10 @@ def _scaled_params(p, k=0):
 def run():
     p = G.init(jax.random.key(0))
     toks = G.tokens(jax.random.key(1))
-    ref = jax.value_and_grad(G.make_loss(False))(p, toks)
-    fp8 = scalify(jax.value_and_grad(G.make_loss(True)))
+    ref = jax.jit(jax.value_and_grad(G.make_loss(False)))(p, toks)
+    fp8 = jax.jit(scalify(jax.value_and_grad(G.make_loss(True))))
     out = {k: fp8(_scaled_params(p, k), toks) for k in (0, 20, -20)}
-    plain = jax.value_and_grad(G.make_loss(True))
+    plain = jax.jit(jax.value_and_grad(G.make_loss(True)))
     plain_out = {k: plain({n: v * 2.0**k if n in ("tok", "pos") else v for n, v in p.items()},
                           toks) for k in (0, 20, -20)}  # fmt: skip
     return p, toks, ref, out, plain_out

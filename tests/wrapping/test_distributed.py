@@ -37,14 +37,16 @@ def test_multisteps_accumulation_updates_histories_once_with_the_max():
     micro = jaxq.quantize_model(Decoder(rngs=nnx.Rngs(0)), RULES)
     # Fill the histories once (an empty history scales by the current amax), so that the
     # microbatches and the whole batch quantize with the same delayed scales.
+    value_and_grad = nnx.jit(jaxq.wrapping.value_and_grad(_loss))
+    update = nnx.jit(lambda opt, model, grads: opt.update(model, grads))
     for m in (full, micro):
-        jaxq.wrapping.value_and_grad(_loss)(m, TOKENS)
+        value_and_grad(m, TOKENS)
     p0 = _params(micro)
 
     # One optimizer step on the whole batch.
     opt_full = nnx.Optimizer(full, optax.sgd(0.5), wrt=nnx.Param)
-    _, grads = jaxq.wrapping.value_and_grad(_loss)(full, TOKENS)
-    opt_full.update(full, grads)
+    _, grads = value_and_grad(full, TOKENS)
+    update(opt_full, full, grads)
 
     # The same step from four microbatches of two sequences.
     k = 4
@@ -54,7 +56,7 @@ def test_multisteps_accumulation_updates_histories_once_with_the_max():
     seen, grad_amaxes = None, []
     for i in range(k):
         _, grads, obs = vg(micro, TOKENS[2 * i:2 * i + 2])
-        opt.update(micro, grads)
+        update(opt, micro, grads)
         grad_amaxes.append(obs["blocks"]["mlp"]["down"]["jaxq_state"].get_value().grad_history)
         if i < k - 1:  # MultiSteps holds the parameters until the k-th microbatch
             for a, b in zip(p0, _params(micro), strict=True):
