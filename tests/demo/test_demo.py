@@ -1,4 +1,7 @@
-"""Tests of ``jaxq demo``: the runs, the table, the files and the command line."""
+"""Tests of ``jaxq demo``: the runs, the table, the files and the command line.
+
+The tests on a demo run are marked ``sweep`` (short end-to-end training runs, about three
+minutes on 2 cores): the newest-JAX pass of ``make test`` leaves them to the first pass."""
 
 import dataclasses
 import json
@@ -24,6 +27,7 @@ def demo(tmp_path_factory):
     return run(NAMES_RUN, preset=TINY, seed=0, out=out, progress=False, log=lambda *_: None)
 
 
+@pytest.mark.sweep
 def test_rows_in_table_order_with_float32_first(demo):
     names = [r["name"] for r in demo["table"]]
     assert names == ["float32", "fp8_delayed", "int4", "unit_fp8", "adamw_8bit", "ptq_w4",
@@ -31,6 +35,7 @@ def test_rows_in_table_order_with_float32_first(demo):
     assert [r["kind"] for r in demo["table"]] == ["train"] * 5 + ["serve"] * 2
 
 
+@pytest.mark.sweep
 def test_ratios_are_against_the_float32_row(demo):
     table = {r["name"]: r for r in demo["table"]}
     base = table["float32"]
@@ -44,6 +49,7 @@ def test_ratios_are_against_the_float32_row(demo):
             assert np.mean(r["losses"][-2:]) < r["losses"][0]  # it learned something
 
 
+@pytest.mark.sweep
 def test_bytes_are_what_the_formats_promise(demo):
     table = {r["name"]: r for r in demo["table"]}
     f32 = table["float32"]
@@ -75,6 +81,7 @@ def _leaves(state):
         yield "/".join(str(getattr(k, "key", k)) for k in path), x
 
 
+@pytest.mark.sweep
 def test_files_are_written(demo):
     out = demo["out"]
     md = (out / "results.md").read_text()
@@ -86,6 +93,7 @@ def test_files_are_written(demo):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.sweep
 def test_held_out_loss_matches_an_independent_evaluation(demo):
     result = demo["trained"][0]
     assert result.spec.name == "float32"
@@ -96,6 +104,7 @@ def test_held_out_loss_matches_an_independent_evaluation(demo):
     assert result.weight_bytes == 4 * sum(x.size for _, x in _leaves(params))
 
 
+@pytest.mark.sweep
 def test_same_seed_same_run_and_runs_share_initialisation(demo):
     first = demo["trained"][0]
     again = train_run(RUNS["float32"], dataclasses.replace(TINY, steps=2), seed=0)
