@@ -10,7 +10,8 @@ reference models, ``tests/wrapping/linen_models.py`` and ``tests/wrapping/gemma_
   readout tied to the embedding).
 
 Each is trained, in one process, in float32 and through :func:`jaxq.quantize_model` with
-FP8 current scaling, FP8 delayed scaling, MXFP8 and INT8 QAT on every projection of the
+FP8 current scaling, FP8 delayed scaling, MXFP8 (two backward variants) and INT8 QAT on
+every projection of the
 scanned layers (embeddings, norms, attention's activation products and the readout stay
 float32), and through ``qwix.quantize_model`` with a ``QtProvider`` in the formats qwix has
 (per-tensor FP8 is qwix's ``disable_channelwise_axes=True``; its static activation ranges
@@ -20,7 +21,8 @@ are calibrated, not delayed scaling):
 |---|---|
 | ``FP8Current()`` | E4M3 weights, activations; E5M2 gradients; per tensor |
 | ``FP8Delayed()`` | none: qwix keeps no amax history |
-| ``MXFP8()`` | ``"mxfp8"``, tiles of 32 named (backward: gradient MX, other operand float) |
+| ``MXFP8(backward_operands="float")`` | ``"mxfp8"``, tiles of 32 (bwd: MX gradient × float input) |
+| ``MXFP8()`` | the same plus MXFP8 residual qtypes (both backward operands MX) |
 | ``Int8()`` | weights, activations int8 (per channel / per token), gradients float |
 
 The step is the same for every variant: ``jax.jit`` of forward, backward and an optax
@@ -69,10 +71,12 @@ try:
 except ImportError:  # the qwix columns are left empty
     qwix = None
 
-FORMATS = ("float32", "fp8_current", "fp8_delayed", "mxfp8", "int8")
+FORMATS = ("float32", "fp8_current", "fp8_delayed", "mxfp8", "mxfp8_mx_bwd", "int8")
 LABELS = {"float32": "float32", "fp8_current": "FP8 current", "fp8_delayed": "FP8 delayed",
-          "mxfp8": "MXFP8", "int8": "INT8 QAT"}  # fmt: skip
-JAXQ = {"fp8_current": R.FP8Current, "fp8_delayed": R.FP8Delayed, "mxfp8": R.MXFP8,
+          "mxfp8": "MXFP8, float bwd operands", "mxfp8_mx_bwd": "MXFP8, MX bwd operands",
+          "int8": "INT8 QAT"}  # fmt: skip
+JAXQ = {"fp8_current": R.FP8Current, "fp8_delayed": R.FP8Delayed,
+        "mxfp8": lambda: R.MXFP8(backward_operands="float"), "mxfp8_mx_bwd": R.MXFP8,
         "int8": R.Int8}  # fmt: skip
 QWIX_UNSUPPORTED = {
     "fp8_delayed": "qwix has no delayed scaling (no amax history)",
@@ -82,14 +86,18 @@ QWIX_UNSUPPORTED = {
 def qwix_rule(fmt: str, module_path: str):
     """The qwix ``QtRule`` closest to jaxq's recipe ``fmt`` (see the module docstring)."""
     e4m3, e5m2 = jnp.float8_e4m3fn, jnp.float8_e5m2
+    mx_tiles = {"dlhs_tile_size": 32, "drhs_tile_size": 32}
+    mx_residuals = {"use_original_residuals": True, "dlhs_residual_qtype": "mxfp8",
+                    "drhs_residual_qtype": "mxfp8"}  # fmt: skip
     kw = {
         "fp8_current": dict(weight_qtype=e4m3, act_qtype=e4m3, bwd_qtype=e5m2,
                             disable_channelwise_axes=True),
         # the gradient products need their tiles named too (qwix tiles the gradient only
         # for weight-gradient operands that are weights, and MX formats require tiles)
         "mxfp8": dict(weight_qtype="mxfp8", act_qtype="mxfp8", bwd_qtype="mxfp8",
-                      tile_size=32,
-                      additional_qt_config={"dlhs_tile_size": 32, "drhs_tile_size": 32}),
+                      tile_size=32, additional_qt_config=mx_tiles),
+        "mxfp8_mx_bwd": dict(weight_qtype="mxfp8", act_qtype="mxfp8", bwd_qtype="mxfp8",
+                             tile_size=32, additional_qt_config=mx_tiles | mx_residuals),
         "int8": dict(weight_qtype=jnp.int8, act_qtype=jnp.int8),
     }[fmt]  # fmt: skip
     return qwix.QtRule(module_path=module_path, **kw)

@@ -379,6 +379,6 @@ def _train_quantized(model, optimizer, recipe, steps, sample, train_tokens, val_
         graphdef, trainable["params"], recipe, state, trainable["steps"]
     )
     val_loss = mean_window_loss(window_losses, val_tokens, model.config.seq_len,
-                                 max_windows=eval_windows)  # fmt: skip
+                                max_windows=eval_windows)  # fmt: skip
     return TrainResult(losses, val_loss, graphdef, trainable["params"], opt_state, state,
                        trainable["steps"])  # fmt: skip

@@ -8,7 +8,8 @@ quantized version follows :mod:`jaxq.ops.dot_general`'s recipe semantics:
     y = f(Q_l(x), Q_r(w)), \\qquad
     (\\partial x, \\partial w) = f^\\top_{Q_l(x), Q_r(w)}(Q_g(g))
 
-with the forward operands saved quantized (codes and scales). Granularity here is
+with the forward operands saved quantized (codes and scales), or saved as they are and
+used unquantized in the backward under ``backward_operands="float"``. Granularity here is
 ``"tensor"`` for every operand, or ``"row"`` for the weight: one scale per output feature
 (conv) or per (group, output column) (ragged dot). The products run on the dequantized
 values in float32 (the dequantize path of :mod:`jaxq.ops.operand`).
@@ -77,6 +78,8 @@ def _fwd(lhs, rhs, state, aux, cfg: _Bilinear):
         "lhs": O.observe_amax(lhs) if "lhs" in r.delayed_roles else None,
         "rhs": O.observe_amax(rhs) if "rhs" in r.delayed_roles else None,
     }
+    if r.backward_operands == "float":
+        xq, wq = lhs, rhs
     return y, (xq, wq, state, aux, observed)
 
 

@@ -16,7 +16,8 @@ operand with row or ``1 × b`` block scales a second time, along the axis the ba
 product contracts, and save that orientation instead (as Transformer Engine does), so
 that each backward product has its scales off its contraction; straight-through (QAT)
 recipes reuse the forward's quantized values exactly. Operands without a quantizer are
-saved as they are.
+saved as they are, and so are both operands under ``backward_operands="float"``, whose
+backward products are ``Q_g(g) · wᵀ`` and ``xᵀ · Q_g(g)``.
 
 With ``hadamard_wgrad``, both weight-gradient operands are rotated by one random 16-point
 block Hadamard transform along the token axis before they are quantized; the rotation
@@ -85,12 +86,13 @@ def _block(q) -> int:
 def _multiple_m(cfg: _Config) -> int:
     """What the token axis (the weight gradient's contraction) is zero-padded to a multiple of."""
     r = cfg.recipe
-    return math.lcm(_block(r.lhs), _block(r.grad), _HADAMARD_BLOCK if r.hadamard_wgrad else 1)
+    hb = _HADAMARD_BLOCK if r.hadamard_wgrad else 1
+    return math.lcm(_block(r.backward_quantizer("lhs")), _block(r.grad), hb)
 
 
 def _multiple_n(cfg: _Config) -> int:
     """What the output axis (the input gradient's contraction) is zero-padded to a multiple of."""
-    return math.lcm(_block(cfg.recipe.rhs), _block(cfg.recipe.grad))
+    return math.lcm(_block(cfg.recipe.backward_quantizer("rhs")), _block(cfg.recipe.grad))
 
 
 def _pad(x: jax.Array, multiple: int) -> jax.Array:
@@ -121,21 +123,22 @@ def _forward(lhs, rhs, state, cfg: _Config):
     y3 = O.matmul(xq, wq)
 
     # The input gradient contracts w along N: saved as (B, K, N) or transposed later.
+    wb, xb = r.backward_quantizer("rhs"), r.backward_quantizer("lhs")
     if not _w_ready(cfg):
-        w_saved = w3 if r.rhs is None else wq
+        w_saved = w3 if wb is None else wq
     else:
         wt = _pad(w3.transpose(0, 2, 1), _multiple_n(cfg))
         where = f"{cfg.op} rhs (transposed)"
-        w_saved = O.quantize_operand(wt, r.rhs, key=keys["rhs_t"], where=where)
+        w_saved = O.quantize_operand(wt, wb, key=keys["rhs_t"], where=where)
     # The weight gradient contracts x along M (tokens): saved as (B, K, M) or transposed.
     if not _x_ready(cfg):
-        x_saved = x3 if r.lhs is None else xq
+        x_saved = x3 if xb is None else xq
     else:
         xt = _pad(x3.transpose(0, 2, 1), _multiple_m(cfg))
         if r.hadamard_wgrad:
             xt = hadamard(xt, -1, key=keys["hadamard"], block_size=_HADAMARD_BLOCK)
         x_saved = O.quantize_operand(
-            xt, r.lhs, amax=la, key=keys["lhs_t"], where=f"{cfg.op} lhs (transposed)"
+            xt, xb, amax=la, key=keys["lhs_t"], where=f"{cfg.op} lhs (transposed)"
         )
     observed = {
         "lhs": O.observe_amax(x3) if "lhs" in r.delayed_roles else None,
@@ -152,13 +155,13 @@ def _w_ready(cfg: _Config) -> bool:
     backward products are low-precision GEMMs that need scales off the contraction). With
     a float gradient (QAT) the backward uses the forward's quantized values exactly.
     """
-    q = cfg.recipe.rhs
+    q = cfg.recipe.backward_quantizer("rhs")
     return cfg.recipe.grad is not None and q is not None and not q.orientation_free
 
 
 def _x_ready(cfg: _Config) -> bool:
     """Whether the activations are saved already in the weight gradient's orientation."""
-    q = cfg.recipe.lhs
+    q = cfg.recipe.backward_quantizer("lhs")
     requantize = cfg.recipe.grad is not None and q is not None and not q.orientation_free
     return cfg.recipe.hadamard_wgrad or requantize
 

@@ -169,6 +169,14 @@ class Recipe:
             (exact in infinite precision: ``H Hᵀ = I``; spreads outliers for FP4).
         learned_step: learn the step sizes of integer ``lhs``/``rhs`` quantizers (LSQ);
             the steps are trainable parameters (see :func:`jaxq.recipes.init_steps`).
+        backward_operands: what the two backward products multiply the quantized gradient
+            by: ``"quantized"`` (default) the forward operands quantized by ``lhs``/``rhs``
+            (re-quantized along the backward contraction where their scales depend on the
+            orientation), ``"float"`` the forward operands as they came in, unquantized:
+            ``∂x = Q_g(g) · wᵀ``, ``∂w = xᵀ · Q_g(g)``. ``"float"`` skips the second
+            quantization of row- and block-scaled operands and keeps more precision in the
+            backward, at the cost of saving float operands; it is qwix's backward for
+            tiled (MX) formats. It needs a quantized gradient (``grad``).
 
     Example:
         >>> r = Recipe("w4a8", lhs=Quantizer("e4m3"), rhs=Quantizer("int4", "row"), grad=None)
@@ -184,6 +192,7 @@ class Recipe:
     amax_compute: Literal["max", "most_recent"] = "max"
     hadamard_wgrad: bool = False
     learned_step: bool = False
+    backward_operands: Literal["quantized", "float"] = "quantized"
 
     def __post_init__(self):
         for role in ("lhs", "rhs", "grad"):
@@ -195,6 +204,16 @@ class Recipe:
         if self.amax_compute not in ("max", "most_recent"):
             raise ValueError(
                 f"amax_compute must be 'max' or 'most_recent', got {self.amax_compute!r}"
+            )
+        if self.backward_operands not in ("quantized", "float"):
+            raise ValueError(
+                f"backward_operands must be 'quantized' or 'float', got {self.backward_operands!r}"
+            )
+        if self.backward_operands == "float" and (self.grad is None or self.learned_step):
+            raise ValueError(
+                "backward_operands='float' needs a quantized gradient (grad) and no learned "
+                "steps: the straight-through backward of QAT multiplies by the quantized "
+                "forward operands"
             )
         if self.learned_step:
             for role in ("lhs", "rhs"):
@@ -208,6 +227,11 @@ class Recipe:
 
     def quantizers(self) -> dict[str, Quantizer | None]:
         return {"lhs": self.lhs, "rhs": self.rhs, "grad": self.grad}
+
+    def backward_quantizer(self, role: str) -> Quantizer | None:
+        """The quantizer of forward operand ``role`` (``"lhs"``/``"rhs"``) as the backward
+        products see it: ``None`` under ``backward_operands="float"``."""
+        return None if self.backward_operands == "float" else getattr(self, role)
 
     @property
     def delayed_roles(self) -> tuple[str, ...]:

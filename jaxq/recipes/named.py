@@ -26,20 +26,23 @@ __all__ = [
 ]  # fmt: skip
 
 
-def FP8Current(*, fwd_format="e4m3", bwd_format="e5m2") -> Recipe:
+def FP8Current(*, fwd_format="e4m3", bwd_format="e5m2", backward_operands="quantized") -> Recipe:
     """FP8 with per-tensor current scaling: ``scale = amax(x) / max`` of the tensor itself.
+
+    ``backward_operands="float"`` multiplies the FP8 gradient by the unquantized forward
+    operands (see :class:`jaxq.ops.Recipe`); so do the other gradient-quantizing recipes.
 
     Example:
         >>> FP8Current().grad.fmt.name
         'float8_e5m2'
     """
     return Recipe("fp8_current", Quantizer(fwd_format), Quantizer(fwd_format),
-                  Quantizer(bwd_format))  # fmt: skip
+                  Quantizer(bwd_format), backward_operands=backward_operands)  # fmt: skip
 
 
 def FP8Delayed(
     *, history_length: int = 1024, margin: int = 0, amax_compute: str = "max",
-    fwd_format="e4m3", bwd_format="e5m2",
+    fwd_format="e4m3", bwd_format="e5m2", backward_operands="quantized",
 ) -> Recipe:  # fmt: skip
     """FP8 with delayed scaling (Transformer Engine, ``flax.linen.fp8_ops``).
 
@@ -57,7 +60,8 @@ def FP8Delayed(
         return Quantizer(fmt, scaling="delayed", margin=margin)
 
     return Recipe("fp8_delayed", q(fwd_format), q(fwd_format), q(bwd_format),
-                  history_length=history_length, amax_compute=amax_compute)  # fmt: skip
+                  history_length=history_length, amax_compute=amax_compute,
+                  backward_operands=backward_operands)  # fmt: skip
 
 
 def FP8Static(
@@ -79,7 +83,9 @@ def FP8Static(
                   q(bwd_format, grad_scale))  # fmt: skip
 
 
-def FP8Blockwise(*, block_size: int = 128, power_of_two_scales: bool = False) -> Recipe:
+def FP8Blockwise(
+    *, block_size: int = 128, power_of_two_scales: bool = False, backward_operands="quantized"
+) -> Recipe:
     """DeepSeek-V3's FP8 recipe: E4M3 everywhere with fine-grained float32 scales.
 
     Activations and gradients use ``1 × block_size`` tiles along the contraction axis
@@ -93,27 +99,36 @@ def FP8Blockwise(*, block_size: int = 128, power_of_two_scales: bool = False) ->
     def q(gran):
         return Quantizer("e4m3", gran, block_size, power_of_two=power_of_two_scales)
 
-    return Recipe("fp8_blockwise", q("block"), q("block2d"), q("block"))
+    return Recipe("fp8_blockwise", q("block"), q("block2d"), q("block"),
+                  backward_operands=backward_operands)  # fmt: skip
 
 
-def MXFP8() -> Recipe:
+def MXFP8(*, backward_operands="quantized") -> Recipe:
     """OCP MXFP8: E4M3 elements, one E8M0 scale per 32 along the contraction axis, for the
-    forward operands and the gradient (each re-blocked per product)."""
+    forward operands and the gradient (each re-blocked per product).
+
+    ``backward_operands="float"`` multiplies the MXFP8 gradient by the float forward
+    operands instead of re-blocking them along the token axis (qwix's MX backward).
+
+    Example:
+        >>> MXFP8(backward_operands="float").backward_quantizer("lhs") is None
+        True
+    """
     q = Quantizer(F.MXFP8, "block")
-    return Recipe("mxfp8", q, q, q)
+    return Recipe("mxfp8", q, q, q, backward_operands=backward_operands)
 
 
-def MXFP4(*, stochastic_rounding_grads: bool = True) -> Recipe:
+def MXFP4(*, stochastic_rounding_grads: bool = True, backward_operands="quantized") -> Recipe:
     """OCP MXFP4 (E2M1, 32, E8M0) forward and backward; gradients rounded stochastically."""
     q = Quantizer(F.MXFP4, "block")
     g = Quantizer(F.MXFP4, "block",
                   rounding="stochastic" if stochastic_rounding_grads else "nearest")  # fmt: skip
-    return Recipe("mxfp4", q, q, g)
+    return Recipe("mxfp4", q, q, g, backward_operands=backward_operands)
 
 
 def NVFP4(
     *, random_hadamard: bool = True, stochastic_rounding_grads: bool = True,
-    weight_blocks_2d: bool = True,
+    weight_blocks_2d: bool = True, backward_operands="quantized",
 ) -> Recipe:  # fmt: skip
     """NVIDIA's NVFP4 pre-training recipe (NVFP4: E2M1, blocks of 16, E4M3 + fp32 scales).
 
@@ -132,7 +147,8 @@ def NVFP4(
     w = Quantizer(F.NVFP4, "block2d" if weight_blocks_2d else "block")
     g = Quantizer(F.NVFP4, "block",
                   rounding="stochastic" if stochastic_rounding_grads else "nearest")  # fmt: skip
-    return Recipe("nvfp4", Quantizer(F.NVFP4, "block"), w, g, hadamard_wgrad=random_hadamard)
+    return Recipe("nvfp4", Quantizer(F.NVFP4, "block"), w, g, hadamard_wgrad=random_hadamard,
+                  backward_operands=backward_operands)  # fmt: skip
 
 
 def Int8(*, activations: bool = True, learned_step: bool = False) -> Recipe:

@@ -43,6 +43,7 @@ from jaxq.unit_scaling.modules import (
     Norm,
     TransformerDecoder,
     TransformerLayer,
+    rotary,
 )
 from jaxq.unit_scaling.norms import embedding, layer_norm, rms_norm
 from jaxq.unit_scaling.params import ROLES, ParamTag, UParam, param_tags, uparam
@@ -86,6 +87,7 @@ __all__ = [
     "MHSA",
     "TransformerLayer",
     "TransformerDecoder",
+    "rotary",
     "UParam",
     "ParamTag",
     "ROLES",

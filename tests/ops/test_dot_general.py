@@ -377,3 +377,61 @@ def test_scaled_matmul_operands_follow_its_definition(fmt):
     ref = matmul(qa, qb)
     np.testing.assert_allclose(by_definition, ref, rtol=1e-5,
                                atol=1e-5 * float(jnp.abs(ref).max()))  # fmt: skip
+
+
+@pytest.mark.parametrize("name", ["fp8_current", "mxfp8", "nvfp4"])
+def test_float_backward_operands_multiply_the_quantized_gradient_by_float_operands(name):
+    # ∂x = Q_g(g) · wᵀ and ∂w = xᵀ · Q_g(g), each Q_g along that product's contraction,
+    # against float64 products of the dequantized gradient and the unquantized operands.
+    x, w = _inputs(m=64, k=128, n=96)
+    kw = {"random_hadamard": False, "stochastic_rounding_grads": False} if name == "nvfp4" else {}
+    r = R.NAMED[name](backward_operands="float", **kw)
+    assert r.backward_quantizer("lhs") is None and r.backward_quantizer("rhs") is None
+    s = _state(r)
+    g = jax.random.normal(jax.random.key(SEED), (x.shape[0], w.shape[1]))
+    f = jax.jit(jax.grad(lambda x, w: jnp.sum(
+        jaxq.ops.dot_general(x, w, DN, recipe=r, state=s) * g), argnums=(0, 1)))  # fmt: skip
+    dx, dw = f(x, w)
+    fmt = {"fp8_current": "e5m2", "mxfp8": "mxfp8", "nvfp4": "nvfp4"}[name]
+    gd = _deq(g, fmt)  # blocks along N: the input gradient's contraction
+    gtd = _deq(g.T, fmt)  # blocks along M (tokens): the weight gradient's contraction
+    x64, w64 = np.asarray(x, np.float64), np.asarray(w, np.float64)
+    np.testing.assert_allclose(dx, gd @ w64.T, rtol=1e-4, atol=1e-4 * np.abs(gd @ w64.T).max())
+    np.testing.assert_allclose(dw, x64.T @ gtd.T, rtol=1e-4,
+                               atol=1e-4 * np.abs(x64.T @ gtd.T).max())  # fmt: skip
+    # The forward is the recipe's own; the residuals are the float operands.
+    y_float = jaxq.ops.dot_general(x, w, DN, recipe=r, state=s)
+    y_quant = jaxq.ops.dot_general(x, w, DN, recipe=R.NAMED[name](**kw), state=s)
+    np.testing.assert_array_equal(y_float, y_quant)
+    xs, ws = (jax.ShapeDtypeStruct(a.shape, a.dtype) for a in (x, w))
+    assert jaxq.ops.residual_nbytes(r, xs, ws, DN) == (x.size + w.size) * 4
+
+
+def test_float_backward_operands_need_a_quantized_gradient():
+    with pytest.raises(ValueError, match="needs a quantized gradient"):
+        Recipe("qat", Quantizer("int8", "row"), Quantizer("int8", "row"), None,
+               backward_operands="float")  # fmt: skip
+    with pytest.raises(ValueError, match="backward_operands must be"):
+        R.FP8Current(backward_operands="fp32")
+
+
+def test_float_backward_operands_in_a_convolution():
+    rng = np.random.default_rng(SEED)
+    x = jnp.asarray(rng.standard_normal((2, 8, 8, 4)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((3, 3, 4, 16)) * 0.2, jnp.float32)
+    g = jnp.asarray(rng.standard_normal((2, 8, 8, 16)), jnp.float32)
+    dn = ("NHWC", "HWIO", "NHWC")
+    r = R.FP8Current(backward_operands="float")
+
+    def ours(x, w):
+        return jaxq.ops.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=dn,
+                                             recipe=r)  # fmt: skip
+
+    def conv(x, w):
+        return jax.lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=dn,
+                                            precision="highest")  # fmt: skip
+
+    _, vjp = jax.vjp(ours, x, w)
+    _, vjp_ref = jax.vjp(conv, x, w)  # the float operands, the E5M2 gradient
+    for a, b in zip(vjp(g), vjp_ref(jaxq.dequantize(jaxq.quantize(g, "e5m2"))), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * float(jnp.abs(b).max()))

@@ -98,3 +98,32 @@ def test_module_bad_input():
         us.MLP(8, act="relu", rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="kind"):
         us.Norm(8, kind="batch")
+
+
+def test_rotary_matches_complex_rotation_and_is_relative():
+    rng = np.random.default_rng()
+    x = rng.standard_normal((2, 7, 3, 8))  # (batch, seq, heads, d)
+    got = np.asarray(us.rotary(jnp.asarray(x, jnp.float32), base=100.0), np.float64)
+    # Reference: pairs (i, i + d/2) as complex numbers times e^{i p θ_i}, in float64.
+    theta = 100.0 ** (-np.arange(4) / 4)
+    z = (x[..., :4] + 1j * x[..., 4:]) * np.exp(1j * np.arange(7)[:, None, None] * theta)
+    np.testing.assert_allclose(got, np.concatenate([z.real, z.imag], -1), atol=2e-5)
+    # Scores depend on the offset only: q at p, k at p' equals q at p+1, k at p'+1.
+    q = np.broadcast_to(rng.standard_normal(8), (1, 7, 1, 8)).astype(np.float32)
+    k = np.broadcast_to(rng.standard_normal(8), (1, 7, 1, 8)).astype(np.float32)
+    rq, rk = (np.asarray(us.rotary(jnp.asarray(a)))[0, :, 0] for a in (q, k))
+    np.testing.assert_allclose(rq[4] @ rk[2], rq[5] @ rk[3], rtol=1e-4)
+    with pytest.raises(ValueError, match="even"):
+        us.MHSA(12, 4, rngs=nnx.Rngs(0))  # head dimension 3
+
+
+def test_decoder_sees_positions_through_rope():
+    # Without positions, attention is a function of the set of earlier tokens: swapping two
+    # of them leaves the last position's output unchanged. With RoPE it changes it.
+    a = jnp.asarray([[3, 5, 7, 9]], jnp.int32)
+    b = jnp.asarray([[5, 3, 7, 9]], jnp.int32)
+    with_rope = us.TransformerDecoder(features=32, layers=1, heads=2, rngs=nnx.Rngs(0))
+    without = us.TransformerDecoder(features=32, layers=1, heads=2, rope=False,
+                                    rngs=nnx.Rngs(0))  # fmt: skip
+    np.testing.assert_allclose(without(a)[0, -1], without(b)[0, -1], atol=1e-5)
+    assert float(jnp.abs(with_rope(a)[0, -1] - with_rope(b)[0, -1]).max()) > 1e-3
