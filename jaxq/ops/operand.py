@@ -116,7 +116,8 @@ def quantize_operand(
         given = _tile_amax(x3, bs)
     elif q.calibration == "absmean":
         given = _group_stat(x3, q, jnp.mean)
-    if q.power_of_two and not isinstance(fmt, F.BlockFormat):
+    if q.power_of_two and not (isinstance(fmt, F.BlockFormat) and not fmt.is_mx):
+        # MX: an amax of s·max gives the E8M0 exponent log2(s) (the round-up rule).
         given = _pow2_amax(_group_stat(x3, q, jnp.max) if given is None else given, m)
     if given is not None:
         return quantize(x3, fmt, amax=given, **kw)

@@ -66,7 +66,12 @@ class Quantizer:
         rounding: ``"nearest"`` or ``"stochastic"`` (the key comes from :class:`OpState`).
         calibration: :class:`jaxq.Absmax` (default), ``Percentile``/``MSE``, or
             ``"absmean"``: ``scale = mean |x|`` (BitNet b1.58 ternary weights).
-        power_of_two: round each scale up to a power of two (exact rescaling).
+        power_of_two: round each scale up to a power of two (exact rescaling). MX scales
+            are always powers of two: ``True`` takes the smallest ``2^e`` with
+            ``2^e · max ≥ amax`` of the block (no element saturates; NVIDIA's MXFP8 training
+            recipe, qwix), ``False`` the OCP rule ``2^(floor(log2 amax) − emax)``, under
+            which a block's largest elements may saturate at the element's max. Not for
+            NVFP4, whose block scales are E4M3.
 
     Example:
         >>> Quantizer("int4", granularity="block", block_size=128).fmt.name
@@ -115,6 +120,9 @@ class Quantizer:
                     f"got block_size={self.block_size}"
                 )
             object.__setattr__(self, "block_size", fmt.block_size)
+            if self.power_of_two and not fmt.is_mx:
+                raise ValueError(f"power_of_two does not apply to {fmt.name}: its block "
+                                 "scales are E4M3, not powers of two")  # fmt: skip
             if self.scaling != "current":
                 raise ValueError(f"block format {fmt.name} supports scaling='current' only")
         if self.granularity in ("block", "block2d"):

@@ -103,9 +103,20 @@ def FP8Blockwise(
                   backward_operands=backward_operands)  # fmt: skip
 
 
-def MXFP8(*, backward_operands="quantized") -> Recipe:
+def _mx_scales(scale_rounding: str) -> bool:
+    if scale_rounding not in ("up", "ocp"):
+        raise ValueError(f"scale_rounding must be 'up' or 'ocp', got {scale_rounding!r}")
+    return scale_rounding == "up"
+
+
+def MXFP8(*, scale_rounding="up", backward_operands="quantized") -> Recipe:
     """OCP MXFP8: E4M3 elements, one E8M0 scale per 32 along the contraction axis, for the
     forward operands and the gradient (each re-blocked per product).
+
+    ``scale_rounding="up"`` (default) scales each block by the smallest power of two
+    ``2^e`` with ``2^e · 448 ≥ amax``, so no element saturates (NVIDIA's MXFP8 training
+    recipe); ``"ocp"`` uses the OCP rule ``2^(floor(log2 amax) − 8)``, under which elements
+    of a block above ``448 · 2^e`` saturate (up to 12.5% of the block's amax is lost).
 
     ``backward_operands="float"`` multiplies the MXFP8 gradient by the float forward
     operands instead of re-blocking them along the token axis (qwix's MX backward).
@@ -114,14 +125,20 @@ def MXFP8(*, backward_operands="quantized") -> Recipe:
         >>> MXFP8(backward_operands="float").backward_quantizer("lhs") is None
         True
     """
-    q = Quantizer(F.MXFP8, "block")
+    q = Quantizer(F.MXFP8, "block", power_of_two=_mx_scales(scale_rounding))
     return Recipe("mxfp8", q, q, q, backward_operands=backward_operands)
 
 
-def MXFP4(*, stochastic_rounding_grads: bool = True, backward_operands="quantized") -> Recipe:
-    """OCP MXFP4 (E2M1, 32, E8M0) forward and backward; gradients rounded stochastically."""
-    q = Quantizer(F.MXFP4, "block")
-    g = Quantizer(F.MXFP4, "block",
+def MXFP4(
+    *, stochastic_rounding_grads: bool = True, scale_rounding="up", backward_operands="quantized"
+) -> Recipe:
+    """OCP MXFP4 (E2M1, 32, E8M0) forward and backward; gradients rounded stochastically.
+
+    ``scale_rounding`` as for :func:`MXFP8` (``"up"``: no element saturates at 6).
+    """
+    up = _mx_scales(scale_rounding)
+    q = Quantizer(F.MXFP4, "block", power_of_two=up)
+    g = Quantizer(F.MXFP4, "block", power_of_two=up,
                   rounding="stochastic" if stochastic_rounding_grads else "nearest")  # fmt: skip
     return Recipe("mxfp4", q, q, g, backward_operands=backward_operands)
 

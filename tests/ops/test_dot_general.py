@@ -19,6 +19,7 @@ import pytest
 import jaxq
 from jaxq import recipes as R
 from jaxq.ops import Quantizer, Recipe
+from jaxq.ops.operand import quantize_operand
 
 DN = (((1,), (0,)), ((), ()))
 SEED = np.random.SeedSequence().entropy % 2**31  # fresh inputs every run
@@ -41,6 +42,20 @@ def _deq(x, fmt, **kw):
     return np.asarray(jaxq.dequantize(jaxq.quantize(x, fmt, **kw)), np.float64)
 
 
+def _mx_up(x, name):
+    """MX quantize-dequantize along the last axis with the round-up scale rule, in numpy:
+    each block of 32 is scaled by the smallest 2^e with 2^e * max >= amax, its elements
+    cast by ml_dtypes (round to nearest even), in float64."""
+    elem, top = {"mxfp8": (ml_dtypes.float8_e4m3fn, 448.0),
+                 "mxfp4": (ml_dtypes.float4_e2m1fn, 6.0)}[name]  # fmt: skip
+    x = np.asarray(x, np.float64)
+    xb = x.reshape(*x.shape[:-1], -1, 32)
+    amax = np.abs(xb).max(axis=-1, keepdims=True)
+    e = np.where(amax > 0, np.ceil(np.log2(np.where(amax > 0, amax, 1) / top)), 0)
+    scale = np.exp2(e)
+    return ((xb / scale).astype(elem).astype(np.float64) * scale).reshape(x.shape)
+
+
 def _reference_forward(name, x, w):
     """Dequantized operands in the recipe's layout, multiplied in float64."""
     wt = w.T  # (N, K): the weight as rows = output channels, contraction last
@@ -57,7 +72,7 @@ def _reference_forward(name, x, w):
         wd = np.asarray(jaxq.dequantize(jaxq.quantize(wt, "e4m3", block_size=128,
                                                       amax=jnp.asarray(amax))), np.float64)
     elif name in ("mxfp8", "mxfp4"):
-        xd, wd = _deq(x, name), _deq(wt, name)
+        xd, wd = _mx_up(x, name), _mx_up(wt, name)
     elif name == "nvfp4":
         n, k = wt.shape
         tiles = np.abs(np.asarray(wt)).reshape(n // 16, 16, k // 16, 16).max(axis=(1, 3))
@@ -392,9 +407,10 @@ def test_float_backward_operands_multiply_the_quantized_gradient_by_float_operan
     f = jax.jit(jax.grad(lambda x, w: jnp.sum(
         jaxq.ops.dot_general(x, w, DN, recipe=r, state=s) * g), argnums=(0, 1)))  # fmt: skip
     dx, dw = f(x, w)
-    fmt = {"fp8_current": "e5m2", "mxfp8": "mxfp8", "nvfp4": "nvfp4"}[name]
-    gd = _deq(g, fmt)  # blocks along N: the input gradient's contraction
-    gtd = _deq(g.T, fmt)  # blocks along M (tokens): the weight gradient's contraction
+    deq = {"fp8_current": lambda a: _deq(a, "e5m2"), "mxfp8": lambda a: _mx_up(a, "mxfp8"),
+           "nvfp4": lambda a: _deq(a, "nvfp4")}[name]  # fmt: skip
+    gd = deq(g)  # blocks along N: the input gradient's contraction
+    gtd = deq(g.T)  # blocks along M (tokens): the weight gradient's contraction
     x64, w64 = np.asarray(x, np.float64), np.asarray(w, np.float64)
     np.testing.assert_allclose(dx, gd @ w64.T, rtol=1e-4, atol=1e-4 * np.abs(gd @ w64.T).max())
     np.testing.assert_allclose(dw, x64.T @ gtd.T, rtol=1e-4,
@@ -435,3 +451,29 @@ def test_float_backward_operands_in_a_convolution():
     _, vjp_ref = jax.vjp(conv, x, w)  # the float operands, the E5M2 gradient
     for a, b in zip(vjp(g), vjp_ref(jaxq.dequantize(jaxq.quantize(g, "e5m2"))), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * float(jnp.abs(b).max()))
+
+
+@pytest.mark.parametrize("name", ["mxfp8", "mxfp4"])
+def test_mx_scale_rounding_up_never_saturates_and_ocp_follows_the_spec(name):
+    # A block whose amax lies just under the next power of two: 1.9 * 2^k. OCP's
+    # 2^(floor(log2 amax) - emax) makes it 1.9 * 2^emax > max, which saturates; rounding
+    # the scale up keeps it.
+    rng = np.random.default_rng(SEED)
+    x = rng.standard_normal((4, 64)).astype(np.float32)
+    x[:, 0] = 1.9 * 2.0 ** rng.integers(4, 24, 4)  # the amax of its block
+    x[0, 32:] = 0.0  # an all-zero block
+    x[1, 40] = 1.0e38  # a block near the float32 max
+    xj = jnp.asarray(x)
+    q = {"mxfp8": "mxfp8", "mxfp4": "mxfp4"}[name]
+    up = quantize_operand(xj[None], Quantizer(q, "block", power_of_two=True))
+    ocp = quantize_operand(xj[None], Quantizer(q, "block"))
+    np.testing.assert_array_equal(np.asarray(jaxq.dequantize(up), np.float64)[0], _mx_up(x, name))
+    np.testing.assert_array_equal(np.asarray(jaxq.dequantize(ocp))[0], _deq(x, q))
+    top = 448.0 if name == "mxfp8" else 6.0
+    e_up = np.asarray(up.scale.astype(jnp.float32))[0, :, 0]
+    assert np.all(np.abs(x[:, 0]) <= top * e_up), "round-up scales never saturate"
+    assert np.all(np.abs(np.asarray(jaxq.dequantize(ocp))[0, :, 0]) < np.abs(x[:, 0]))
+    with pytest.raises(ValueError, match="power_of_two does not apply"):
+        Quantizer("nvfp4", "block", power_of_two=True)
+    with pytest.raises(ValueError, match="scale_rounding"):
+        R.MXFP8(scale_rounding="down")
