@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxq.ops import operand as O
-from jaxq.ops.dot_general import _check_operands, _state_cotangent, check_state
+from jaxq.ops.dot_general import _Bits, _check_operands, _state_cotangent, check_state
 from jaxq.ops.dot_general import _history_amax as _amax
 from jaxq.ops.spec import OpState, Quantizer, Recipe
 from jaxq.quantization.qdq import quantize
@@ -80,7 +80,7 @@ def _fwd(lhs, rhs, state, aux, cfg: _Bilinear):
     }
     if r.backward_operands == "float":
         xq, wq = lhs, rhs
-    return y, (xq, wq, state, aux, observed)
+    return y, (_Bits.wrap((xq, wq)), state, aux, observed)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
@@ -89,7 +89,8 @@ def _qbilinear(lhs, rhs, state, aux, cfg):
 
 
 def _bwd(cfg: _Bilinear, res, g):
-    xq, wq, state, aux, observed = res
+    saved, state, aux, observed = res
+    xq, wq = saved.unwrap()
     r = cfg.recipe
     _, _, kg = _keys(state, r)
     gq = _quantize(g, r.grad, None, _amax(state, r, "grad"), kg, f"{cfg.op} grad")

@@ -65,6 +65,43 @@ class _Config:
     op: str
 
 
+def _is_f8(dtype) -> bool:
+    return jnp.issubdtype(dtype, jnp.floating) and np.dtype(dtype).itemsize == 1
+
+
+@jax.tree_util.register_pytree_node_class
+class _Bits:
+    """Saved operands with their 8-bit float arrays (FP8 codes, E8M0 scales) held as uint8
+    bit patterns. Under ``scan`` (layers stacked by ``nn.scan``/``nnx.scan``) every residual
+    is stacked across iterations, and XLA:CPU stacks 8-bit float arrays far more slowly than
+    integers: the gradient of two scanned 1024×128×128 MXFP8 layers took 16.6 ms with float8
+    residuals and 8.0 ms with uint8 ones (FP8 current scaling: 10.5 ms and 6.0 ms). Bitcasts
+    are free, and the values are bit-identical."""
+
+    def __init__(self, treedef, dtypes, leaves):
+        self.treedef, self.dtypes, self.leaves = treedef, dtypes, leaves
+
+    @classmethod
+    def wrap(cls, tree) -> _Bits:
+        leaves, treedef = jax.tree.flatten(tree)
+        dtypes = tuple(leaf.dtype for leaf in leaves)
+        bits = [jax.lax.bitcast_convert_type(leaf, jnp.uint8) if _is_f8(d) else leaf
+                for leaf, d in zip(leaves, dtypes, strict=True)]  # fmt: skip
+        return cls(treedef, dtypes, bits)
+
+    def unwrap(self):
+        leaves = [jax.lax.bitcast_convert_type(leaf, d) if _is_f8(d) else leaf
+                  for leaf, d in zip(self.leaves, self.dtypes, strict=True)]  # fmt: skip
+        return jax.tree.unflatten(self.treedef, leaves)
+
+    def tree_flatten(self):
+        return self.leaves, (self.treedef, self.dtypes)
+
+    @classmethod
+    def tree_unflatten(cls, aux, leaves):
+        return cls(aux[0], aux[1], list(leaves))
+
+
 def _keys(state: OpState | None, recipe: Recipe) -> dict[str, jax.Array | None]:
     if not recipe.needs_key:
         return dict.fromkeys(_KEY_NAMES)
@@ -144,7 +181,8 @@ def _forward(lhs, rhs, state, cfg: _Config):
         "lhs": O.observe_amax(x3) if "lhs" in r.delayed_roles else None,
         "rhs": O.observe_amax(w3) if "rhs" in r.delayed_roles else None,
     }
-    res = (w_saved, x_saved, keys, _history_amax(state, r, "grad"), observed, state)
+    res = (_Bits.wrap((w_saved, x_saved)), keys, _history_amax(state, r, "grad"), observed,
+           state)  # fmt: skip
     return c.out(y3), res
 
 
@@ -188,7 +226,8 @@ def _state_cotangent(state: OpState | None, observed: dict):
 
 def _backward(cfg: _Config, res, g):
     r, c = cfg.recipe, cfg.canon
-    w_saved, x_saved, keys, g_amax, observed, state = res
+    saved, keys, g_amax, observed, state = res
+    w_saved, x_saved = saved.unwrap()
     g3 = c.out3(g)
     gq = O.quantize_operand(_pad(g3, _multiple_n(cfg)), r.grad, amax=g_amax, key=keys["grad"],
                             where=f"{cfg.op} grad")  # fmt: skip
@@ -400,8 +439,7 @@ def residual_nbytes(recipe: Recipe, lhs, rhs, dimension_numbers) -> int:
 
     def f(lhs, rhs):
         state = recipe.init(key)
-        w_saved, x_saved = _forward(lhs, rhs, state, cfg)[1][:2]
-        return w_saved, x_saved
+        return _forward(lhs, rhs, state, cfg)[1][0].unwrap()
 
     saved = jax.eval_shape(f, lhs, rhs)
     return int(sum(np.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(saved)))

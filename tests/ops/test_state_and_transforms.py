@@ -325,3 +325,35 @@ def test_hadamard_is_orthogonal_and_preserves_products():
         jaxq.hadamard(jnp.ones((3, 12)))
     with pytest.raises(ValueError, match="does not divide"):
         jaxq.hadamard(jnp.ones((3, 24)), block_size=16)
+
+
+@pytest.mark.parametrize("name", ["mxfp8", "fp8_current"])
+def test_scanned_layers_save_their_quantized_operands_as_integers(name):
+    # Scan stacks each layer's saved operands; XLA:CPU stacks 8-bit float arrays several
+    # times more slowly than integers, so FP8 codes and E8M0 scales are saved as uint8 bit
+    # patterns. The gradient is the same as without scan.
+    rng = np.random.default_rng(SEED)
+    x = jnp.asarray(rng.standard_normal((4, 32, 64)), jnp.float32)
+    ws = jnp.asarray(rng.standard_normal((2, 64, 64)) * 0.1, jnp.float32)
+    r = R.NAMED[name]()
+    dn = (((2,), (0,)), ((), ()))
+
+    def loss(ws, scan):
+        def layer(h, w):
+            return jnp.tanh(jaxq.ops.dot_general(h, w, dn, recipe=r)), None
+
+        if scan:
+            h, _ = jax.lax.scan(layer, x, ws)
+        else:
+            h = x
+            for i in range(ws.shape[0]):
+                h, _ = layer(h, ws[i])
+        return jnp.sum(h**2)
+
+    g_scan = jax.jit(jax.grad(functools.partial(loss, scan=True)))(ws)
+    g_loop = jax.jit(jax.grad(functools.partial(loss, scan=False)))(ws)
+    np.testing.assert_allclose(g_scan, g_loop, rtol=1e-5, atol=1e-6)
+    jaxpr = jax.make_jaxpr(jax.grad(functools.partial(loss, scan=True)))(ws).jaxpr
+    stacked = {str(v.aval.dtype) for e in jaxpr.eqns if e.primitive.name == "scan"
+               for v in e.outvars}  # fmt: skip
+    assert "uint8" in stacked and not any("float8" in d for d in stacked), stacked
