@@ -15,7 +15,10 @@ all have a Pallas Triton implementation for NVIDIA GPUs:
   1×128 × 128×128 block scales, optionally with the output's amax;
 * :func:`cast_transpose` — FP8 codes of ``x`` and ``xᵀ`` and ``x``'s amax in one pass;
 * :func:`block_quantize` — MXFP8 / MXFP4 / NVFP4 block quantization, equal to
-  :func:`jaxq.quantize` bit for bit.
+  :func:`jaxq.quantize` bit for bit;
+* :func:`fused_adam.adam_8bit_update` — the 8-bit Adam step (decode, update, re-encode
+  per block) in one pass over the optimizer state, :func:`jaxq.optim.adamw_8bit`'s
+  ``implementation=None``.
 
 Every dispatcher takes ``implementation=None | "pallas" | "xla"`` (or an implementation's
 name) and ``interpret=True`` to run its Pallas kernel in interpret mode on any platform.
@@ -24,14 +27,14 @@ name) and ``interpret=True`` to run its Pallas kernel in interpret mode on any p
 
 import jax
 
-from . import registry, weight_only_tpu
+from . import fused_adam, registry, weight_only_tpu
 from .fp8_gemm import scaled_fp8_matmul
 from .fused_quantize import block_quantize, cast_transpose
 from .w4a8 import w4a8_matmul
 from .weight_only import weight_only_matmul
 
 __all__ = ["backend", "registry", "weight_only_matmul", "w4a8_matmul", "scaled_fp8_matmul",
-           "cast_transpose", "block_quantize", "weight_only_tpu"]
+           "cast_transpose", "block_quantize", "weight_only_tpu", "fused_adam"]
 
 
 def backend() -> str:

@@ -23,6 +23,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jaxq.kernels import fused_adam
+from jaxq.optim import blockwise as bw
 from jaxq.optim import codecs as cd
 from jaxq.optim import maps
 from jaxq.optim.common import scale_dtype_of, static_int
@@ -58,7 +60,46 @@ class QuantizedAdamState(NamedTuple):
     nu: Any
 
 
-def _scale_by_adam(b1, b2, eps, codecs, *, keep_fp32, min_quantized_size):
+def _fused_8bit(hyper, implementation, interpret):
+    """The engine's ``fused`` hook: the fused 8-bit update kernel where it runs, else None.
+
+    It takes parameters whose two moments are 8-bit block codecs of one block size and
+    scale dtype, on a single device: a Pallas call is not partitioned across devices, so
+    sharded training keeps the XLA path.
+    """
+    if implementation == "xla":
+        return None
+
+    def fused(g, states, cs):
+        m, v = cs
+        if not (isinstance(m, cd.BlockCodec) and isinstance(v, cd.BlockCodec)
+                and m.bits == v.bits == 8 and m.block_size == v.block_size
+                and jnp.dtype(m.scale_dtype) == jnp.dtype(v.scale_dtype)
+                and (interpret or jax.device_count() == 1)):  # fmt: skip
+            return None
+        bs = m.block_size
+        lead, _ = bw.row_shape(g.shape, bs)
+        g2 = bw.to_blocks(g, bs).reshape(-1, states[0].codes.shape[-1])
+        flat = lambda a: a.reshape(-1, a.shape[-1])  # noqa: E731
+        sm, sv = states
+        args = (g2, flat(sm.codes), flat(sm.absmax), flat(sv.codes), flat(sv.absmax), hyper)
+        kw = dict(m_map=m.book, v_map=v.book, sign_fix=m.sign_fix)
+        impl = fused_adam.implementation_for(args[0], args[2], m.book, v.book,
+                                             implementation, interpret)  # fmt: skip
+        if impl == "xla":
+            return None
+        u, mc, ma, vc, va = fused_adam.adam_8bit_update(*args, **kw, implementation=impl,
+                                                        interpret=interpret)  # fmt: skip
+        u = bw.from_blocks(u.reshape(*lead, -1, bs), g.shape)
+        unflat = lambda a, like: a.reshape(like.shape)  # noqa: E731
+        return (u, cd.QuantizedMoment(unflat(mc, sm.codes), unflat(ma, sm.absmax)),
+                cd.QuantizedMoment(unflat(vc, sv.codes), unflat(va, sv.absmax)))
+
+    return fused
+
+
+def _scale_by_adam(b1, b2, eps, codecs, *, keep_fp32, min_quantized_size,
+                   implementation="xla", interpret=False):  # fmt: skip
     min_size = static_int(
         _DEFAULT_MIN_SIZE if min_quantized_size is None else min_quantized_size,
         "min_quantized_size",
@@ -88,7 +129,10 @@ def _scale_by_adam(b1, b2, eps, codecs, *, keep_fp32, min_quantized_size):
             u = (m / bc1) / (jnp.sqrt(v) / bc2_sqrt + epsilon)
             return u, (m, v)
 
-        updates, (mu, nu) = step_moments(updates, (state.mu, state.nu), codecs, step)
+        fused = _fused_8bit(fused_adam.hyperparameters(beta1, beta2, epsilon, count),
+                            implementation, interpret)  # fmt: skip
+        updates, (mu, nu) = step_moments(updates, (state.mu, state.nu), codecs, step,
+                                         fused=fused)  # fmt: skip
         return updates, QuantizedAdamState(count, mu, nu)
 
     return optax.GradientTransformation(init_fn, update_fn)
@@ -139,7 +183,7 @@ _COMMON_ARGS = """
 
 def scale_by_adam_8bit(
     b1=0.9, b2=0.999, eps=1e-8, *, block_size=None, min_quantized_size=None,
-    keep_fp32=None, scale_dtype=None,
+    keep_fp32=None, scale_dtype=None, implementation="xla", interpret=False,
 ) -> optax.GradientTransformation:  # fmt: skip
     """Adam's scaling with 8-bit blockwise moments (bitsandbytes' dynamic maps).
 
@@ -148,7 +192,12 @@ def scale_by_adam_8bit(
     re-quantization. Block absmax is stored as bfloat16 rounded up by default (2 bytes
     per 256 values, 2.016 bytes/param); ``scale_dtype=jnp.float32`` stores bitsandbytes'
     exact float32 absmax (2.031 bytes/param). Drop-in for ``optax.scale_by_adam``.
-    {args}
+    {args}    implementation: ``"xla"`` (default) or ``None`` / ``"pallas"`` for the fused
+            update kernel (:mod:`jaxq.kernels.fused_adam`: one pass over the state per
+            step) where it runs, an NVIDIA GPU and a single device, XLA elsewhere. It is
+            opt-in until it has been measured on a GPU; the new state is the same.
+        interpret: run that kernel in Pallas interpret mode (any platform; for tests).
+
     Returns:
         An ``optax.GradientTransformation`` with :class:`QuantizedAdamState`.
 
@@ -164,6 +213,7 @@ def scale_by_adam_8bit(
     return _scale_by_adam(
         b1, b2, eps, _codecs_8bit(block_size, scale_dtype),
         keep_fp32=keep_fp32, min_quantized_size=min_quantized_size,
+        implementation=implementation, interpret=interpret,
     )  # fmt: skip
 
 
@@ -244,14 +294,15 @@ def _adamw(scale_by, learning_rate, b1, b2, eps, weight_decay, mask, kw):
 
 def adam_8bit(
     learning_rate, b1=0.9, b2=0.999, eps=1e-8, *, block_size=None,
-    min_quantized_size=None, keep_fp32=None, scale_dtype=None,
+    min_quantized_size=None, keep_fp32=None, scale_dtype=None, implementation="xla",
+    interpret=False,
 ) -> optax.GradientTransformation:  # fmt: skip
     """Adam with 8-bit moments: ``chain(scale_by_adam_8bit(...), scale_by_learning_rate)``.
 
     Args:
         learning_rate: float, array or optax schedule (``step -> lr``).
-        b1, b2, eps, block_size, min_quantized_size, keep_fp32, scale_dtype: as
-            :func:`scale_by_adam_8bit`.
+        b1, b2, eps, block_size, min_quantized_size, keep_fp32, scale_dtype,
+            implementation, interpret: as :func:`scale_by_adam_8bit`.
 
     Example:
         >>> import jax.numpy as jnp
@@ -259,7 +310,8 @@ def adam_8bit(
         >>> state = tx.init({"w": jnp.zeros((128, 64))})
     """
     kw = dict(block_size=block_size, min_quantized_size=min_quantized_size,
-              keep_fp32=keep_fp32, scale_dtype=scale_dtype)  # fmt: skip
+              keep_fp32=keep_fp32, scale_dtype=scale_dtype, implementation=implementation,
+              interpret=interpret)  # fmt: skip
     return _adamw(scale_by_adam_8bit, learning_rate, b1, b2, eps, None, None, kw)
 
 
@@ -296,9 +348,11 @@ _ADAMW_DOC = """{title}
 def adamw_8bit(
     learning_rate, b1=0.9, b2=0.999, eps=1e-8, weight_decay=1e-2, mask=None, *,
     block_size=None, min_quantized_size=None, keep_fp32=None, scale_dtype=None,
+    implementation="xla", interpret=False,
 ) -> optax.GradientTransformation:  # fmt: skip
     kw = dict(block_size=block_size, min_quantized_size=min_quantized_size,
-              keep_fp32=keep_fp32, scale_dtype=scale_dtype)  # fmt: skip
+              keep_fp32=keep_fp32, scale_dtype=scale_dtype, implementation=implementation,
+              interpret=interpret)  # fmt: skip
     return _adamw(scale_by_adam_8bit, learning_rate, b1, b2, eps, weight_decay, mask, kw)
 
 
@@ -322,7 +376,8 @@ def adamw_fp8(
 
 adamw_8bit.__doc__ = _ADAMW_DOC.format(
     title="AdamW with 8-bit blockwise moments (about 2 bytes of state per parameter).",
-    kind="8bit", detail="Moments as in :func:`scale_by_adam_8bit`.\n")
+    kind="8bit", detail="Moments as in :func:`scale_by_adam_8bit`; ``implementation`` and "
+    "``interpret`` (also accepted here) choose the fused update kernel.\n")
 adamw_4bit.__doc__ = _ADAMW_DOC.format(
     title="AdamW with 4-bit moments (about 1 byte of state per parameter).",
     kind="4bit", detail="Moments as in :func:`scale_by_adam_4bit` (block 128).\n")

@@ -60,7 +60,7 @@ def _as_moment(s):
 
 
 def step_moments(updates, moments: Sequence[Any], codecs: Codecs, step: Callable, *,
-                 strategy: str = "auto"):
+                 strategy: str = "auto", fused: Callable | None = None):
     """Applies ``step`` leaf by leaf; returns ``(updates, new_moments)`` (same structures).
 
     Two compilation strategies compute the same function:
@@ -77,6 +77,9 @@ def step_moments(updates, moments: Sequence[Any], codecs: Codecs, step: Callable
       elementwise kernels, whereas the OR-reduction of the CPU strategy is slow there.
 
     ``"auto"`` picks per platform at lowering (:func:`jax.lax.platform_dependent`).
+    ``fused(g, states, codecs)``, where given, is tried first on each leaf whose moments
+    are all quantized: it returns ``(update, *new_states)`` from a fused kernel (see
+    :mod:`jaxq.kernels.fused_adam`), or ``None`` to leave the leaf to the strategies.
     The numerics are those of a single decode -> step -> encode either way; XLA may
     contract multiply-adds differently in the two programs, so results can differ in the
     last bit of float32 (and a code where that bit moves a value across a midpoint).
@@ -94,6 +97,10 @@ def step_moments(updates, moments: Sequence[Any], codecs: Codecs, step: Callable
         for c in cs:
             if c is not None:
                 _check_row_sharding(g, c)
+        if fused is not None and all(c is not None for c in cs):
+            out = fused(g, states, cs)
+            if out is not None:
+                return out
         if all(c is None for c in cs) or strategy == "plain":
             return _plain_leaf(g, states, cs, step)
         if strategy == "recompute":

@@ -1,0 +1,155 @@
+"""The fused 8-bit Adam update in interpret mode against jaxq.optim's XLA path."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jaxq.kernels import fused_adam as fa
+
+from jaxq import optim
+from jaxq.optim import codecs as cd
+from jaxq.optim import engine, maps
+
+from .common import lower_or_skip
+
+KW = dict(m_map=maps.SIGNED8, v_map=maps.UNSIGNED8)
+
+
+def _state(rows, n, bs, scale_dtype, seed):
+    """Random codes (every value) and positive scales, one block column all zero."""
+    rng = np.random.default_rng(seed)
+    codes = [jnp.asarray(rng.integers(0, 256, (rows, n), dtype=np.uint8)) for _ in range(2)]
+    scales = [rng.uniform(1e-3, 2.0, (rows, n // bs)).astype(np.float32) for _ in range(2)]
+    scales[0][:, 0] = 0.0  # a block whose first moment is zero
+    codes[0] = codes[0].at[:, :bs].set(127)
+    return codes[0], jnp.asarray(scales[0], scale_dtype), codes[1], jnp.asarray(scales[1],
+                                                                                   scale_dtype)
+
+
+def _grad(rows, n, dtype, seed):
+    g = jax.random.normal(jax.random.key(seed), (rows, n)) * 0.1
+    g = g.at[0, 3].set(jnp.nan).at[1, 5].set(jnp.inf).at[2, 7].set(-jnp.inf)
+    g = g.at[3, 11].set(1e30).at[4].set(0.0).at[5, 13].set(1e-30)
+    return g.astype(dtype)
+
+
+def _xla(g, mc, ms, vc, vs, count, strategy):
+    """jaxq.optim's own step on the same state (the codecs adamw_8bit uses)."""
+    bs = g.shape[1] // ms.shape[1]
+    m = cd.BlockCodec(maps.SIGNED8, bs, 8, sign_fix=True, scale_dtype=ms.dtype)
+    v = cd.BlockCodec(maps.UNSIGNED8, bs, 8, scale_dtype=ms.dtype)
+    b1, b2, eps = jnp.float32(0.9), jnp.float32(0.999), jnp.float32(1e-8)
+    t = jnp.float32(count)
+
+    def step(g, moments):
+        mm, vv = moments
+        mm = b1 * mm + (1.0 - b1) * g
+        vv = b2 * vv + (1.0 - b2) * (g * g)
+        return (mm / (1.0 - b1**t)) / (jnp.sqrt(vv) / jnp.sqrt(1.0 - b2**t) + eps), (mm, vv)
+
+    u, (mm, vv) = engine.step_moments(g, (cd.QuantizedMoment(mc, ms), cd.QuantizedMoment(vc, vs)),
+                                      lambda shape: (m, v), step, strategy=strategy)
+    return u, mm.codes, mm.absmax, vv.codes, vv.absmax
+
+
+def _same_state(got, want):
+    for a, b in zip(got[1:], want[1:], strict=True):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        np.testing.assert_array_equal(np.ravel(a).view(np.uint8), np.ravel(b).view(np.uint8))
+    u, ref = np.asarray(got[0], np.float64), np.asarray(want[0], np.float64)
+    assert np.isfinite(u).all()
+    np.testing.assert_array_less(np.abs(u - ref), 1e-6 * np.maximum(1.0, np.abs(ref)) + 1e-30)
+
+
+@pytest.mark.parametrize("rows,n,bs,scale_dtype,g_dtype", [
+    (13, 768, 256, jnp.bfloat16, jnp.float32),   # ragged rows, 3 blocks per row
+    (9, 512, 64, jnp.float32, jnp.bfloat16),     # 8 blocks per row, bf16 gradients
+])  # fmt: skip
+def test_kernel_equals_the_optimizer_xla_step(rows, n, bs, scale_dtype, g_dtype):
+    mc, ms, vc, vs = _state(rows, n, bs, scale_dtype, seed=rows)
+    g = _grad(rows, n, g_dtype, seed=n)
+    count = 7
+    hyper = fa.hyperparameters(0.9, 0.999, 1e-8, count)
+    kernel = jax.jit(functools.partial(fa.adam_8bit_update, **KW, implementation="pallas",
+                                       interpret=True))  # fmt: skip
+    got = kernel(g, mc, ms, vc, vs, hyper)
+    for strategy in ("plain", "recompute"):
+        want = jax.jit(_xla, static_argnums=(5, 6))(g, mc, ms, vc, vs, count, strategy)
+        _same_state(got, want)
+    # the non-finite rule: no update, moments kept (same codes, as their block's scale holds)
+    u = np.asarray(got[0])
+    assert u[0, 3] == u[1, 5] == u[2, 7] == 0.0
+    assert np.abs(u[3, 11]) > 0.5  # a huge gradient is clipped, not dropped
+
+
+def test_adamw_8bit_with_the_kernel_equals_the_xla_path_over_steps():
+    params = {
+        "w": jnp.zeros((40, 512)),         # one row of blocks per row
+        "t": jnp.zeros((3, 5, 384)),       # leading axes flattened into rows
+        "v": jnp.zeros((70000,)),          # a vector, padded to whole blocks
+        "small": jnp.zeros((64,)),         # keeps float32 moments
+    }  # fmt: skip
+    kernel_tx = optim.adamw_8bit(1e-3, weight_decay=0.1, implementation="pallas",
+                                 interpret=True)  # fmt: skip
+    xla_tx = optim.adamw_8bit(1e-3, weight_decay=0.1)
+    sk, sx = kernel_tx.init(params), xla_tx.init(params)
+    pk = px = params
+    step_k, step_x = jax.jit(kernel_tx.update), jax.jit(xla_tx.update)
+    jaxpr = str(jax.make_jaxpr(kernel_tx.update)(params, sk, params))
+    assert jaxpr.count("pallas_call") == 3  # w, t and v; "small" keeps float32 moments
+    assert "pallas_call" not in str(jax.make_jaxpr(xla_tx.update)(params, sx, params))
+    for i in range(3):
+        grads = jax.tree.map(lambda p, i=i: jax.random.normal(jax.random.key(i), p.shape), params)
+        if i == 1:
+            grads["w"] = grads["w"].at[2, 3].set(jnp.nan)
+        uk, sk = step_k(grads, sk, pk)
+        ux, sx = step_x(grads, sx, px)
+        for a, b in zip(jax.tree.leaves(sk), jax.tree.leaves(sx), strict=True):
+            np.testing.assert_array_equal(np.ravel(a).view(np.uint8), np.ravel(b).view(np.uint8))
+        for a, b in zip(jax.tree.leaves(uk), jax.tree.leaves(ux), strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-9)
+        pk, px = optax.apply_updates(pk, uk), optax.apply_updates(px, ux)
+    assert float(uk["w"][2, 3]) != 0.0  # the NaN of step 1 left no trace on step 2
+
+
+def test_block_sizes_the_kernel_cannot_tile_fall_back_to_xla():
+    g = jnp.ones((4, 300))
+    ms = jnp.zeros((4, 3), jnp.float32)
+    impl = fa.implementation_for(g, ms, maps.SIGNED8, maps.UNSIGNED8, None, interpret=True)
+    assert impl == "xla"  # block 100 is not a power of two
+    with pytest.raises(ValueError, match="power of two"):
+        fa.implementation_for(g, ms, maps.SIGNED8, maps.UNSIGNED8, "pallas", interpret=True)
+    with pytest.raises(ValueError, match="needs a GPU"):
+        fa.implementation_for(jnp.ones((4, 512)), jnp.zeros((4, 2)), maps.SIGNED8,
+                              maps.UNSIGNED8, "pallas")  # fmt: skip
+    tx = optim.adamw_8bit(1e-3, block_size=100, implementation=None, interpret=True)
+    params = {"w": jnp.ones((8, 600))}
+    upd, _ = jax.jit(tx.update)(params, tx.init(params), params)
+    assert np.isfinite(np.asarray(upd["w"])).all()
+
+
+def test_bad_operands_are_named():
+    g = jnp.ones((4, 512))
+    mc, ms = jnp.zeros((4, 512), jnp.uint8), jnp.zeros((4, 2), jnp.bfloat16)
+    h = fa.hyperparameters(0.9, 0.999, 1e-8, 1)
+    with pytest.raises(ValueError, match="m_codes must be uint8"):
+        fa.adam_8bit_update(g, mc.astype(jnp.int8), ms, mc, ms, h, **KW)
+    with pytest.raises(ValueError, match="v_scale"):
+        fa.adam_8bit_update(g, mc, ms, mc, jnp.zeros((4, 3)), h, **KW)
+    with pytest.raises(ValueError, match="hyper"):
+        fa.adam_8bit_update(g, mc, ms, mc, ms, h[:, :4], **KW)
+
+
+def test_kernel_lowers_for_an_h100():
+    rows, n = 40, 1024
+    args = (jax.ShapeDtypeStruct((rows, n), jnp.float32),
+            jax.ShapeDtypeStruct((rows, n), jnp.uint8),
+            jax.ShapeDtypeStruct((rows, n // 256), jnp.bfloat16),
+            jax.ShapeDtypeStruct((rows, n), jnp.uint8),
+            jax.ShapeDtypeStruct((rows, n // 256), jnp.bfloat16),
+            jax.ShapeDtypeStruct((1, 8), jnp.float32))  # fmt: skip
+    fn = functools.partial(fa._triton, **KW, sign_fix=True, interpret=False)
+    assert "triton" in lower_or_skip(fn, *args).as_text()
