@@ -168,7 +168,7 @@ def cpu_sanity() -> None:
     s_x = jax.jit(optim.adamw_8bit(1e-3).update)(params, fused.init(params), params)[1]
     pairs = zip(jax.tree.leaves(s_k), jax.tree.leaves(s_x), strict=True)
     same = all(bool((a == b).all()) for a, b in pairs)
-    print(f"  adam_8bit_update (interpret) state equals the XLA path: {same}")
+    print(f"  adam_update (interpret) state equals the XLA path: {same}")
 
 
 def main(argv=None) -> int:

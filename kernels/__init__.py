@@ -16,9 +16,9 @@ all have a Pallas Triton implementation for NVIDIA GPUs:
 * :func:`cast_transpose` — FP8 codes of ``x`` and ``xᵀ`` and ``x``'s amax in one pass;
 * :func:`block_quantize` — MXFP8 / MXFP4 / NVFP4 block quantization, equal to
   :func:`jaxq.quantize` bit for bit;
-* :func:`fused_adam.adam_8bit_update` — the 8-bit Adam step (decode, update, re-encode
-  per block) in one pass over the optimizer state, :func:`jaxq.optim.adamw_8bit`'s
-  ``implementation=None``.
+* :func:`fused_adam.adam_update` — the 8-bit or FP8 Adam step (decode, update,
+  re-encode per block) in one pass over the optimizer state, the ``implementation=None``
+  of :func:`jaxq.optim.adamw_8bit` and :func:`jaxq.optim.adamw_fp8`.
 
 Every dispatcher takes ``implementation=None | "pallas" | "xla"`` (or an implementation's
 name) and ``interpret=True`` to run its Pallas kernel in interpret mode on any platform.

@@ -2,7 +2,8 @@
 
 The state of :func:`jaxq.optim.adamw_8bit` keeps both moments as 8-bit codes on a
 256-value map (bitsandbytes' dynamic maps) with one absmax per block of ``B`` values along
-a row. One optimizer step per element, in float32:
+a row; :func:`jaxq.optim.adamw_fp8` keeps them as E4M3 codes with one scale
+``absmax / 448`` per block. One optimizer step per element, in float32:
 
 .. math::
 
@@ -15,7 +16,9 @@ a row. One optimizer step per element, in float32:
 
 with ``u = 0`` and the old moments kept where ``g`` is not finite; then per block the new
 absmax ``a = max |m|`` (stored rounded up to the scale dtype; below float32's smallest
-normal: 0) and the codes ``c = nearest(m / a)`` (the first moment never flips sign). This
+normal: 0) and the codes ``c = nearest(m / a)`` (the first moment never flips sign); for
+E4M3 the scale is ``a / 448``, the codes ``E4M3(m / s)`` rounded to nearest even, and a
+positive second moment that would round to 0 is stored as the smallest subnormal. This
 is :mod:`jaxq.optim`'s update; under XLA it reads and writes the moments several times
 (decode, block statistics, encode); the kernel reads each byte of state once and writes
 it once: ``4 (g) + 2 + 2·2B⁻¹ (codes, scales) + 4 (u)`` bytes per parameter against
@@ -23,7 +26,8 @@ optax.adamw's ``4 + 8 + 8 + 4``.
 
 The nearest-code search is one lookup in the map's bucket table
 (:class:`jaxq.optim.maps.CodeBook`'s ``search``, indexed by the high bits of the float32
-pattern), so the kernel gathers from two small tables per moment and needs no loop.
+pattern), so the kernel gathers from two small tables per map moment and needs no loop;
+E4M3 codes are integer arithmetic on the float32 pattern (:mod:`jaxq.quantization.cast`).
 
 Operands are in the optimizer's *row layout*: ``(rows, n_pad)`` gradients and codes,
 ``(rows, n_pad / B)`` scales (see :mod:`jaxq.optim.blockwise`). The kernel and
@@ -45,9 +49,9 @@ Example:
     >>> hyper = fused_adam.hyperparameters(0.9, 0.999, 1e-8, count=1)
     >>> args = (g, codes, scale, jnp.zeros_like(codes), scale, hyper)
     >>> kw = dict(m_map=maps.SIGNED8, v_map=maps.UNSIGNED8)
-    >>> u, *state = fused_adam.adam_8bit_update(*args, **kw, implementation="pallas",
+    >>> u, *state = fused_adam.adam_update(*args, **kw, implementation="pallas",
     ...                                         interpret=True)
-    >>> ref = fused_adam.adam_8bit_update(*args, **kw, implementation="xla")
+    >>> ref = fused_adam.adam_update(*args, **kw, implementation="xla")
     >>> all(bool((a == b).all()) for a, b in zip(state, ref[1:]))
     True
     >>> bool(jnp.allclose(u, jnp.sign(g), atol=1e-3))   # Adam's first step is sign(g)
@@ -63,9 +67,12 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
 
+from jaxq import formats as F
+from jaxq.quantization.cast import e4m3_bits, e4m3_values
+
 from . import registry as R
 
-__all__ = ["adam_8bit_update", "reference", "hyperparameters", "why_not", "implementation_for"]
+__all__ = ["adam_update", "reference", "hyperparameters", "why_not", "implementation_for"]
 
 _GRAD_LIMIT = np.float32(2.0**63)
 _TINY = np.float32(np.finfo(np.float32).tiny)
@@ -93,7 +100,7 @@ def _round_up(a, scale_dtype):
     return jax.lax.bitcast_convert_type(up, jnp.float32).astype(scale_dtype)
 
 
-def _encode(x, book, search):
+def _map_encode(x, book, search):
     """Nearest-code index of float32 ``x`` (``CodeBook.encode``'s merged bucket table)."""
     shift = np.uint32(book.shift)
     mask = np.uint32((1 << book.shift) - 1)
@@ -103,34 +110,67 @@ def _encode(x, book, search):
     return ((entry + flip) >> shift).astype(jnp.int32)
 
 
+def _is_map(spec) -> bool:
+    return not isinstance(spec, str)
+
+
+def _decode(codes, scale, spec, lookups):
+    """float32 values of one moment's codes (``lookups``: its value and search gathers)."""
+    if _is_map(spec):
+        vals = lookups[0](codes.astype(jnp.int32))
+    else:
+        vals = e4m3_values(codes)
+    return vals * scale.astype(jnp.float32)
+
+
+def _encode(x, old_scale, spec, lookups, *, first: bool, sign_fix: bool):
+    """New codes (uint8) and block scale of one moment, as :mod:`jaxq.optim`'s codecs."""
+    a = jnp.maximum(jnp.max(x, axis=1, keepdims=True), -jnp.min(x, axis=1, keepdims=True))
+    a = jnp.where(a >= _TINY, a, 0.0)
+    if not _is_map(spec):  # FP8Codec: scale = absmax / 448
+        a = a / np.float32(F.E4M3.max)
+        a = jnp.where(a >= _TINY, a, 0.0)
+    a = _round_up(a, old_scale.dtype)
+    safe = jnp.where(a > 0, a.astype(jnp.float32), 1.0)
+    y = x * (1.0 / safe)
+    if not _is_map(spec):
+        y = jnp.clip(y, -F.E4M3.max, F.E4M3.max)
+        bits = e4m3_bits(y)
+        if not first:  # the second moment never rounds a positive value to 0
+            bits = jnp.where((bits == 0) & (y > 0), np.uint8(1), bits)
+        return bits, a
+    idx = _map_encode(y, spec, lookups[1])
+    if first and sign_fix:  # a nonzero first moment never flips sign or becomes 0
+        neg = spec.negatives
+        down = ((x < 0) & (idx >= neg)).astype(jnp.int32)
+        idx = idx - down + ((x > 0) & (idx < neg)).astype(jnp.int32)
+    return idx.astype(jnp.uint8), a
+
+
 def _block_update(h, g, mc, ma, vc, va, lookups, *, m_map, v_map, sign_fix):
     """One block column ``(rows, B)`` of the update; ``h`` the scalars, ``ma``/``va``
-    ``(rows, 1)`` scales, ``lookups`` the four table gathers. Returns
+    ``(rows, 1)`` scales, ``lookups`` per moment its table gathers. Returns
     ``(u, m codes, m scale, v codes, v scale)`` (scales in their stored dtype)."""
-    m_val, m_search, v_val, v_search = lookups
     b1, c1, b2, c2, bc1, bc2_sqrt, eps = h
     g32 = g.astype(jnp.float32)
     finite = jnp.isfinite(g32)
     g32 = jnp.where(finite, jnp.clip(g32, -_GRAD_LIMIT, _GRAD_LIMIT), 0.0)
-    m0 = m_val(mc.astype(jnp.int32)) * ma.astype(jnp.float32)
-    v0 = v_val(vc.astype(jnp.int32)) * va.astype(jnp.float32)
+    m0 = _decode(mc, ma, m_map, lookups[0])
+    v0 = _decode(vc, va, v_map, lookups[1])
     m = b1 * m0 + c1 * g32
     v = b2 * v0 + c2 * (g32 * g32)
     u = (m / bc1) / (jnp.sqrt(v) / bc2_sqrt + eps)
     u = jnp.where(finite, u, 0.0)
     m, v = jnp.where(finite, m, m0), jnp.where(finite, v, v0)
-    out = []
-    for x, book, search, a_old in ((m, m_map, m_search, ma), (v, v_map, v_search, va)):
-        a = jnp.maximum(jnp.max(x, axis=1, keepdims=True), -jnp.min(x, axis=1, keepdims=True))
-        a = _round_up(jnp.where(a >= _TINY, a, 0.0), a_old.dtype)
-        safe = jnp.where(a > 0, a.astype(jnp.float32), 1.0)
-        idx = _encode(x * (1.0 / safe), book, search)
-        if sign_fix and book is m_map:
-            neg = book.negatives
-            down = ((x < 0) & (idx >= neg)).astype(jnp.int32)
-            idx = idx - down + ((x > 0) & (idx < neg)).astype(jnp.int32)
-        out += [idx.astype(jnp.uint8), a]
-    return (u, *out)
+    m_out = _encode(m, ma, m_map, lookups[0], first=True, sign_fix=sign_fix)
+    v_out = _encode(v, va, v_map, lookups[1], first=False, sign_fix=False)
+    return (u, *m_out, *v_out)
+
+
+def _tables(m_map, v_map):
+    """The gather tables, two per map moment (values, bucket search), none for E4M3."""
+    return [[jnp.asarray(spec.values), jnp.asarray(spec.search)] if _is_map(spec) else []
+            for spec in (m_map, v_map)]  # fmt: skip
 
 
 def _hyper_tuple(h_at):
@@ -143,8 +183,8 @@ def reference(g, m_codes, m_scale, v_codes, v_scale, hyper, *, m_map, v_map, sig
     rows, nb = m_scale.shape
     blocks = lambda x: x.reshape(rows * nb, bs)  # noqa: E731
     cols = lambda s: s.reshape(rows * nb, 1)  # noqa: E731
-    tables = [jnp.asarray(t) for t in (m_map.values, m_map.search, v_map.values, v_map.search)]
-    lookups = [functools.partial(lambda t, i: t[i], t) for t in tables]
+    gather = lambda t: functools.partial(lambda t, i: t[i], t)  # noqa: E731
+    lookups = [[gather(t) for t in ts] for ts in _tables(m_map, v_map)]
     res = _block_update(_hyper_tuple(lambda k: hyper[0, k]), blocks(g), blocks(m_codes),
                         cols(m_scale), blocks(v_codes), cols(v_scale), lookups, m_map=m_map,
                         v_map=v_map, sign_fix=sign_fix)  # fmt: skip
@@ -154,11 +194,13 @@ def reference(g, m_codes, m_scale, v_codes, v_scale, hyper, *, m_map, v_map, sig
             va.reshape(per_block))  # fmt: skip
 
 
-def _kernel(h_ref, g_ref, mc_ref, ma_ref, vc_ref, va_ref, mt_ref, ms_ref, vt_ref, vs_ref,
-            u_ref, mc_out, ma_out, vc_out, va_out, *, bs, nb, m_map, v_map, sign_fix):  # fmt: skip
+def _kernel(h_ref, g_ref, mc_ref, ma_ref, vc_ref, va_ref, *refs, bs, nb, m_map, v_map,
+            sign_fix, n_tables):  # fmt: skip
+    tables, (u_ref, mc_out, ma_out, vc_out, va_out) = refs[:-5], refs[-5:]
     h = _hyper_tuple(lambda k: h_ref[:, pl.ds(k, 1)])
-    lookups = [functools.partial(lambda ref, i: ref[i], ref)
-               for ref in (mt_ref, ms_ref, vt_ref, vs_ref)]  # fmt: skip
+    gather = lambda ref: functools.partial(lambda ref, i: ref[i], ref)  # noqa: E731
+    lookups = [[gather(r) for r in tables[: n_tables[0]]],
+               [gather(r) for r in tables[n_tables[0] :]]]  # fmt: skip
     for j in range(nb):  # the tile's blocks, one column of blocks per step
         cols, col = pl.ds(j * bs, bs), pl.ds(j, 1)
         u, mc, ma, vc, va = _block_update(
@@ -190,12 +232,14 @@ def _triton(g, m_codes, m_scale, v_codes, v_scale, hyper, *, m_map, v_map, sign_
     nb_all = m_scale.shape[1]
     bs = n // nb_all
     nb = _tile_blocks(nb_all)
-    tables = [jnp.asarray(t) for t in (m_map.values, m_map.search, v_map.values, v_map.search)]
+    per_moment = _tables(m_map, v_map)
+    tables = per_moment[0] + per_moment[1]
     tile = lambda w: pl.BlockSpec((block_rows, w), lambda i, j: (i, j))  # noqa: E731
     whole = lambda t: pl.BlockSpec(t.shape, lambda i, j: (0,))  # noqa: E731
     f32 = jnp.promote_types(g.dtype, jnp.float32)
     return pl.pallas_call(
-        functools.partial(_kernel, bs=bs, nb=nb, m_map=m_map, v_map=v_map, sign_fix=sign_fix),
+        functools.partial(_kernel, bs=bs, nb=nb, m_map=m_map, v_map=v_map, sign_fix=sign_fix,
+                          n_tables=(len(per_moment[0]), len(per_moment[1]))),
         out_shape=[jax.ShapeDtypeStruct((rows, n), f32),
                    jax.ShapeDtypeStruct(m_codes.shape, jnp.uint8),
                    jax.ShapeDtypeStruct(m_scale.shape, m_scale.dtype),
@@ -208,7 +252,7 @@ def _triton(g, m_codes, m_scale, v_codes, v_scale, hyper, *, m_map, v_map, sign_
         out_specs=[tile(nb * bs), tile(nb * bs), tile(nb), tile(nb * bs), tile(nb)],
         compiler_params=plt.CompilerParams(num_warps=4, num_stages=1),
         interpret=interpret,
-        name="jaxq_adam_8bit_update",
+        name="jaxq_adam_update",
     )(hyper, g, m_codes, m_scale, v_codes, v_scale, *tables)
 
 
@@ -223,52 +267,59 @@ def why_not(impl: R.Implementation, g, m_scale, m_map, v_map, *, interpret=False
     bs = g.shape[1] // max(m_scale.shape[1], 1)
     if not _pow2(bs) or bs < 16:
         return f"the block size ({bs}) is not a power of two >= 16"
-    for name, book in (("m_map", m_map), ("v_map", v_map)):
-        if getattr(book, "search", None) is None or len(book.values) != 256:
+    for name, spec in (("m_map", m_map), ("v_map", v_map)):
+        if _is_map(spec) and (getattr(spec, "search", None) is None or len(spec.values) != 256):
             return f"{name} is not a 256-value map with a bucket table"
     return None
 
 
 def implementation_for(g, m_scale, m_map, v_map, implementation=None, interpret=False) -> str:
-    """The implementation :func:`adam_8bit_update` runs for these operands (registry rule)."""
-    return R.choose("adam_8bit_update", implementation,
+    """The implementation :func:`adam_update` runs for these operands (registry rule)."""
+    return R.choose("adam_update", implementation,
                     lambda i: why_not(i, g, m_scale, m_map, v_map, interpret=interpret))
 
 
-def _check(g, m_codes, m_scale, v_codes, v_scale, hyper):
+def _check(g, m_codes, m_scale, v_codes, v_scale, hyper, m_map, v_map):
+    for name, spec in (("m_map", m_map), ("v_map", v_map)):
+        if spec != "e4m3" and not hasattr(spec, "values"):
+            raise ValueError(f"adam_update: {name} must be a jaxq.optim.maps.CodeBook or "
+                             f"'e4m3', got {spec!r}")  # fmt: skip
     if g.ndim != 2 or not jnp.issubdtype(g.dtype, jnp.floating):
-        raise ValueError(f"adam_8bit_update: g must be a 2-D float array (rows, n_pad), got "
+        raise ValueError(f"adam_update: g must be a 2-D float array (rows, n_pad), got "
                          f"{g.dtype}{list(g.shape)}")  # fmt: skip
     rows, n = g.shape
     for name, c in (("m_codes", m_codes), ("v_codes", v_codes)):
         if c.shape != g.shape or c.dtype != jnp.uint8:
-            raise ValueError(f"adam_8bit_update: {name} must be uint8{list(g.shape)} like g, "
+            raise ValueError(f"adam_update: {name} must be uint8{list(g.shape)} like g, "
                              f"got {c.dtype}{list(c.shape)}")  # fmt: skip
     for name, s in (("m_scale", m_scale), ("v_scale", v_scale)):
         if s.ndim != 2 or s.shape[0] != rows or not s.shape[1] or n % s.shape[1] or \
                 s.dtype not in (jnp.float32, jnp.bfloat16):
-            raise ValueError(f"adam_8bit_update: {name} must be float32/bfloat16 (rows, "
+            raise ValueError(f"adam_update: {name} must be float32/bfloat16 (rows, "
                              f"n_pad / block) with a block dividing {n}, got "
                              f"{s.dtype}{list(s.shape)} for g {list(g.shape)}")  # fmt: skip
     if m_scale.shape != v_scale.shape:
-        raise ValueError(f"adam_8bit_update: m_scale {list(m_scale.shape)} and v_scale "
+        raise ValueError(f"adam_update: m_scale {list(m_scale.shape)} and v_scale "
                          f"{list(v_scale.shape)} must have one shape")  # fmt: skip
     if tuple(hyper.shape) != (1, _N_HYPER):
-        raise ValueError(f"adam_8bit_update: hyper must come from hyperparameters() "
+        raise ValueError(f"adam_update: hyper must come from hyperparameters() "
                          f"(shape (1, {_N_HYPER})), got {list(hyper.shape)}")  # fmt: skip
 
 
-def adam_8bit_update(g, m_codes, m_scale, v_codes, v_scale, hyper, *, m_map, v_map,
+def adam_update(g, m_codes, m_scale, v_codes, v_scale, hyper, *, m_map, v_map,
                      sign_fix=True, implementation=None, interpret=False):  # fmt: skip
-    """One Adam step on 8-bit blockwise moments, fused.
+    """One Adam step on 8-bit blockwise moments (map codes or E4M3), fused.
 
     Args:
         g: gradients ``(rows, n_pad)`` in the row layout (zero padding).
-        m_codes, m_scale: first moment: uint8 codes ``(rows, n_pad)`` and block absmax
-            ``(rows, n_pad / B)`` (float32 or bfloat16).
+        m_codes, m_scale: first moment: uint8 codes ``(rows, n_pad)`` (E4M3 codes as
+            their bit patterns) and block scales ``(rows, n_pad / B)`` (float32 or
+            bfloat16): the absmax for map codes, absmax / 448 for E4M3.
         v_codes, v_scale: second moment, likewise.
         hyper: :func:`hyperparameters` of this step.
-        m_map, v_map: the moments' :class:`jaxq.optim.maps.CodeBook`\\ s (256 values).
+        m_map, v_map: each moment's :class:`jaxq.optim.maps.CodeBook` (256 values), or
+            ``"e4m3"`` (:class:`jaxq.optim.codecs.FP8Codec`; a positive second moment
+            never rounds to 0).
         sign_fix: the first moment never flips sign on re-encoding.
         implementation: ``None``, ``"pallas"``, ``"triton"`` or ``"xla"``.
         interpret: run the Pallas kernel in interpret mode.
@@ -281,7 +332,7 @@ def adam_8bit_update(g, m_codes, m_scale, v_codes, v_scale, hyper, *, m_map, v_m
         ValueError: shapes or dtypes that do not form one row layout, or an
             ``implementation`` that cannot run.
     """
-    _check(g, m_codes, m_scale, v_codes, v_scale, hyper)
+    _check(g, m_codes, m_scale, v_codes, v_scale, hyper, m_map, v_map)
     impl = implementation_for(g, m_scale, m_map, v_map, implementation, interpret)
     kw = dict(m_map=m_map, v_map=v_map, sign_fix=sign_fix)
     if impl == "xla":
@@ -290,9 +341,10 @@ def adam_8bit_update(g, m_codes, m_scale, v_codes, v_scale, hyper, *, m_map, v_m
                          **kw))  # fmt: skip
 
 
-_REQ = "NVIDIA GPU, compute capability >= 8.0; 256-value maps, power-of-two blocks >= 16"
+_REQ = ("NVIDIA GPU, compute capability >= 8.0; 256-value maps or E4M3, power-of-two "
+        "blocks >= 16")
 R.register(R.Kernel(
-    name="adam_8bit_update", module=__name__, reference=reference,
+    name="adam_update", module=__name__, reference=reference,
     implementations=(R.Implementation("triton", ("gpu",), _REQ), R.XLA),
     tolerance="codes and scales bit-identical in interpret mode, |du| <= 1e-6 max(1, |u|); "
               "on a GPU a contracted multiply-add may move a code by one step at a midpoint",

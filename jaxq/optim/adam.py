@@ -60,40 +60,60 @@ class QuantizedAdamState(NamedTuple):
     nu: Any
 
 
-def _fused_8bit(hyper, implementation, interpret):
-    """The engine's ``fused`` hook: the fused 8-bit update kernel where it runs, else None.
+def _kernel_spec(codec, first: bool):
+    """What :func:`jaxq.kernels.fused_adam.adam_update` calls this moment's codec, or None."""
+    if isinstance(codec, cd.BlockCodec) and codec.bits == 8 and (first or not codec.sign_fix):
+        return codec.book
+    if isinstance(codec, cd.FP8Codec) and codec.keep_nonzero != first:
+        return "e4m3"
+    return None
 
-    It takes parameters whose two moments are 8-bit block codecs of one block size and
-    scale dtype, on a single device: a Pallas call is not partitioned across devices, so
-    sharded training keeps the XLA path.
+
+def _as_bits(codes):
+    return jax.lax.bitcast_convert_type(codes, jnp.uint8) if codes.dtype != jnp.uint8 else codes
+
+
+def _fused(hyper, implementation, interpret):
+    """The engine's ``fused`` hook: the fused update kernel where it runs, else None.
+
+    It takes parameters whose two moments are 8-bit map or E4M3 block codecs of one block
+    size and scale dtype, on a single device: a Pallas call is not partitioned across
+    devices, so sharded training keeps the XLA path.
     """
     if implementation == "xla":
         return None
 
     def fused(g, states, cs):
         m, v = cs
-        if not (isinstance(m, cd.BlockCodec) and isinstance(v, cd.BlockCodec)
-                and m.bits == v.bits == 8 and m.block_size == v.block_size
-                and jnp.dtype(m.scale_dtype) == jnp.dtype(v.scale_dtype)
-                and (interpret or jax.device_count() == 1)):  # fmt: skip
+        m_spec, v_spec = _kernel_spec(m, True), _kernel_spec(v, False)
+        if (m_spec is None or v_spec is None or m.block_size != v.block_size
+                or jnp.dtype(m.scale_dtype) != jnp.dtype(v.scale_dtype)
+                or not (interpret or jax.device_count() == 1)):  # fmt: skip
             return None
         bs = m.block_size
         lead, _ = bw.row_shape(g.shape, bs)
-        g2 = bw.to_blocks(g, bs).reshape(-1, states[0].codes.shape[-1])
-        flat = lambda a: a.reshape(-1, a.shape[-1])  # noqa: E731
         sm, sv = states
-        args = (g2, flat(sm.codes), flat(sm.absmax), flat(sv.codes), flat(sv.absmax), hyper)
-        kw = dict(m_map=m.book, v_map=v.book, sign_fix=m.sign_fix)
-        impl = fused_adam.implementation_for(args[0], args[2], m.book, v.book,
-                                             implementation, interpret)  # fmt: skip
+        g2 = bw.to_blocks(g, bs).reshape(-1, sm.codes.shape[-1])
+        flat = lambda a: a.reshape(-1, a.shape[-1])  # noqa: E731
+        args = (g2, _as_bits(flat(sm.codes)), flat(sm.absmax), _as_bits(flat(sv.codes)),
+                flat(sv.absmax), hyper)  # fmt: skip
+        impl = fused_adam.implementation_for(g2, args[2], m_spec, v_spec, implementation,
+                                             interpret)  # fmt: skip
         if impl == "xla":
             return None
-        u, mc, ma, vc, va = fused_adam.adam_8bit_update(*args, **kw, implementation=impl,
-                                                        interpret=interpret)  # fmt: skip
+        u, mc, ma, vc, va = fused_adam.adam_update(
+            *args, m_map=m_spec, v_map=v_spec, sign_fix=getattr(m, "sign_fix", False),
+            implementation=impl, interpret=interpret,
+        )  # fmt: skip
         u = bw.from_blocks(u.reshape(*lead, -1, bs), g.shape)
-        unflat = lambda a, like: a.reshape(like.shape)  # noqa: E731
-        return (u, cd.QuantizedMoment(unflat(mc, sm.codes), unflat(ma, sm.absmax)),
-                cd.QuantizedMoment(unflat(vc, sv.codes), unflat(va, sv.absmax)))
+
+        def moment(codes, scale, like):
+            codes = codes.reshape(like.codes.shape)
+            if like.codes.dtype != jnp.uint8:
+                codes = jax.lax.bitcast_convert_type(codes, like.codes.dtype)
+            return cd.QuantizedMoment(codes, scale.reshape(like.absmax.shape))
+
+        return u, moment(mc, ma, sm), moment(vc, va, sv)
 
     return fused
 
@@ -129,8 +149,8 @@ def _scale_by_adam(b1, b2, eps, codecs, *, keep_fp32, min_quantized_size,
             u = (m / bc1) / (jnp.sqrt(v) / bc2_sqrt + epsilon)
             return u, (m, v)
 
-        fused = _fused_8bit(fused_adam.hyperparameters(beta1, beta2, epsilon, count),
-                            implementation, interpret)  # fmt: skip
+        fused = _fused(fused_adam.hyperparameters(beta1, beta2, epsilon, count),
+                       implementation, interpret)  # fmt: skip
         updates, (mu, nu) = step_moments(updates, (state.mu, state.nu), codecs, step,
                                          fused=fused)  # fmt: skip
         return updates, QuantizedAdamState(count, mu, nu)
@@ -164,6 +184,13 @@ def _codecs_fp8(block_size, scale_dtype):
     return lambda shape: (m, v)
 
 
+_KERNEL_ARGS = """        implementation: ``"xla"`` (default) or ``None`` / ``"pallas"`` for the
+            fused update kernel (:mod:`jaxq.kernels.fused_adam`: one pass over the state
+            per step) where it runs, an NVIDIA GPU and a single device, XLA elsewhere. It
+            is opt-in until it has been measured on a GPU; the new state is the same.
+        interpret: run that kernel in Pallas interpret mode (any platform; for tests).
+"""
+
 _COMMON_ARGS = """
     Args:
         b1: decay of the first moment (float or array; injectable).
@@ -192,12 +219,7 @@ def scale_by_adam_8bit(
     re-quantization. Block absmax is stored as bfloat16 rounded up by default (2 bytes
     per 256 values, 2.016 bytes/param); ``scale_dtype=jnp.float32`` stores bitsandbytes'
     exact float32 absmax (2.031 bytes/param). Drop-in for ``optax.scale_by_adam``.
-    {args}    implementation: ``"xla"`` (default) or ``None`` / ``"pallas"`` for the fused
-            update kernel (:mod:`jaxq.kernels.fused_adam`: one pass over the state per
-            step) where it runs, an NVIDIA GPU and a single device, XLA elsewhere. It is
-            opt-in until it has been measured on a GPU; the new state is the same.
-        interpret: run that kernel in Pallas interpret mode (any platform; for tests).
-
+    {args}{kernel}
     Returns:
         An ``optax.GradientTransformation`` with :class:`QuantizedAdamState`.
 
@@ -250,7 +272,7 @@ def scale_by_adam_4bit(
 
 def scale_by_adam_fp8(
     b1=0.9, b2=0.999, eps=1e-8, *, block_size=None, min_quantized_size=None,
-    keep_fp32=None, scale_dtype=None,
+    keep_fp32=None, scale_dtype=None, implementation="xla", interpret=False,
 ) -> optax.GradientTransformation:  # fmt: skip
     """Adam's scaling with both moments stored as blockwise E4M3.
 
@@ -260,7 +282,7 @@ def scale_by_adam_fp8(
     ``2**-9 * scale`` (see :class:`jaxq.optim.codecs.FP8Codec`): with E4M3's 18 binades
     per block, a flushed ``v`` beside a nonzero ``m`` would make the next update up to
     ``1 / sqrt(1 - b2)`` times too large.
-    {args}
+    {args}{kernel}
     Returns:
         An ``optax.GradientTransformation`` with :class:`QuantizedAdamState`.
 
@@ -273,15 +295,16 @@ def scale_by_adam_fp8(
     return _scale_by_adam(
         b1, b2, eps, _codecs_fp8(block_size, scale_dtype),
         keep_fp32=keep_fp32, min_quantized_size=min_quantized_size,
+        implementation=implementation, interpret=interpret,
     )  # fmt: skip
 
 
 scale_by_adam_8bit.__doc__ = scale_by_adam_8bit.__doc__.format(
-    args=_COMMON_ARGS.format(bs=256, sd="bfloat16"))
+    args=_COMMON_ARGS.format(bs=256, sd="bfloat16"), kernel=_KERNEL_ARGS)
 scale_by_adam_4bit.__doc__ = scale_by_adam_4bit.__doc__.format(
     args=_COMMON_ARGS.format(bs=128, sd="float32"))
 scale_by_adam_fp8.__doc__ = scale_by_adam_fp8.__doc__.format(
-    args=_COMMON_ARGS.format(bs=256, sd="bfloat16"))
+    args=_COMMON_ARGS.format(bs=256, sd="bfloat16"), kernel=_KERNEL_ARGS)
 
 
 def _adamw(scale_by, learning_rate, b1, b2, eps, weight_decay, mask, kw):
@@ -368,9 +391,11 @@ def adamw_4bit(
 def adamw_fp8(
     learning_rate, b1=0.9, b2=0.999, eps=1e-8, weight_decay=1e-2, mask=None, *,
     block_size=None, min_quantized_size=None, keep_fp32=None, scale_dtype=None,
+    implementation="xla", interpret=False,
 ) -> optax.GradientTransformation:  # fmt: skip
     kw = dict(block_size=block_size, min_quantized_size=min_quantized_size,
-              keep_fp32=keep_fp32, scale_dtype=scale_dtype)  # fmt: skip
+              keep_fp32=keep_fp32, scale_dtype=scale_dtype, implementation=implementation,
+              interpret=interpret)  # fmt: skip
     return _adamw(scale_by_adam_fp8, learning_rate, b1, b2, eps, weight_decay, mask, kw)
 
 
@@ -383,4 +408,6 @@ adamw_4bit.__doc__ = _ADAMW_DOC.format(
     kind="4bit", detail="Moments as in :func:`scale_by_adam_4bit` (block 128).\n")
 adamw_fp8.__doc__ = _ADAMW_DOC.format(
     title="AdamW with blockwise E4M3 moments (about 2 bytes of state per parameter).",
-    kind="fp8", detail="Moments as in :func:`scale_by_adam_fp8` (block 256).\n")
+    kind="fp8", detail="Moments as in :func:`scale_by_adam_fp8` (block 256); "
+    "``implementation`` and ``interpret`` (also accepted here) choose the fused update "
+    "kernel.\n")

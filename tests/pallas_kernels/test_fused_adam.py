@@ -1,4 +1,4 @@
-"""The fused 8-bit Adam update in interpret mode against jaxq.optim's XLA path."""
+"""The fused Adam update (8-bit maps, E4M3) in interpret mode against jaxq.optim's XLA path."""
 
 import functools
 
@@ -18,13 +18,18 @@ from .common import lower_or_skip
 KW = dict(m_map=maps.SIGNED8, v_map=maps.UNSIGNED8)
 
 
-def _state(rows, n, bs, scale_dtype, seed):
-    """Random codes (every value) and positive scales, one block column all zero."""
+def _state(rows, n, bs, scale_dtype, seed, fp8=False):
+    """Random codes (every value; E4M3: every finite one, v non-negative) and positive
+    scales, one block column of first moments all zero."""
     rng = np.random.default_rng(seed)
-    codes = [jnp.asarray(rng.integers(0, 256, (rows, n), dtype=np.uint8)) for _ in range(2)]
+    codes = [rng.integers(0, 256, (rows, n), dtype=np.uint8) for _ in range(2)]
+    if fp8:
+        codes = [np.where((c & 0x7F) == 0x7F, c ^ 1, c) for c in codes]  # no NaN codes
+        codes[1] &= 0x7F
+    codes = [jnp.asarray(c) for c in codes]
     scales = [rng.uniform(1e-3, 2.0, (rows, n // bs)).astype(np.float32) for _ in range(2)]
     scales[0][:, 0] = 0.0  # a block whose first moment is zero
-    codes[0] = codes[0].at[:, :bs].set(127)
+    codes[0] = codes[0].at[:, :bs].set(0 if fp8 else 127)
     return codes[0], jnp.asarray(scales[0], scale_dtype), codes[1], jnp.asarray(scales[1],
                                                                                    scale_dtype)
 
@@ -36,11 +41,17 @@ def _grad(rows, n, dtype, seed):
     return g.astype(dtype)
 
 
-def _xla(g, mc, ms, vc, vs, count, strategy):
-    """jaxq.optim's own step on the same state (the codecs adamw_8bit uses)."""
+def _xla(g, mc, ms, vc, vs, count, strategy, fp8):
+    """jaxq.optim's own step on the same state (the codecs adamw_8bit / adamw_fp8 use)."""
     bs = g.shape[1] // ms.shape[1]
-    m = cd.BlockCodec(maps.SIGNED8, bs, 8, sign_fix=True, scale_dtype=ms.dtype)
-    v = cd.BlockCodec(maps.UNSIGNED8, bs, 8, scale_dtype=ms.dtype)
+    if fp8:
+        m = cd.FP8Codec(bs, ms.dtype)
+        v = cd.FP8Codec(bs, ms.dtype, keep_nonzero=True)
+        as_f8 = lambda c: jax.lax.bitcast_convert_type(c, jnp.float8_e4m3fn)  # noqa: E731
+        mc, vc = as_f8(mc), as_f8(vc)
+    else:
+        m = cd.BlockCodec(maps.SIGNED8, bs, 8, sign_fix=True, scale_dtype=ms.dtype)
+        v = cd.BlockCodec(maps.UNSIGNED8, bs, 8, scale_dtype=ms.dtype)
     b1, b2, eps = jnp.float32(0.9), jnp.float32(0.999), jnp.float32(1e-8)
     t = jnp.float32(count)
 
@@ -52,7 +63,8 @@ def _xla(g, mc, ms, vc, vs, count, strategy):
 
     u, (mm, vv) = engine.step_moments(g, (cd.QuantizedMoment(mc, ms), cd.QuantizedMoment(vc, vs)),
                                       lambda shape: (m, v), step, strategy=strategy)
-    return u, mm.codes, mm.absmax, vv.codes, vv.absmax
+    as_u8 = lambda c: jax.lax.bitcast_convert_type(c, jnp.uint8) if fp8 else c  # noqa: E731
+    return u, as_u8(mm.codes), mm.absmax, as_u8(vv.codes), vv.absmax
 
 
 def _same_state(got, want):
@@ -64,37 +76,42 @@ def _same_state(got, want):
     np.testing.assert_array_less(np.abs(u - ref), 1e-6 * np.maximum(1.0, np.abs(ref)) + 1e-30)
 
 
-@pytest.mark.parametrize("rows,n,bs,scale_dtype,g_dtype", [
-    (13, 768, 256, jnp.bfloat16, jnp.float32),   # ragged rows, 3 blocks per row
-    (9, 512, 64, jnp.float32, jnp.bfloat16),     # 8 blocks per row, bf16 gradients
+@pytest.mark.parametrize("rows,n,bs,scale_dtype,g_dtype,fp8", [
+    (13, 768, 256, jnp.bfloat16, jnp.float32, False),  # ragged rows, 3 blocks per row
+    (9, 512, 64, jnp.float32, jnp.bfloat16, False),    # 8 blocks per row, bf16 gradients
+    (11, 512, 128, jnp.bfloat16, jnp.float32, True),   # E4M3 moments
 ])  # fmt: skip
-def test_kernel_equals_the_optimizer_xla_step(rows, n, bs, scale_dtype, g_dtype):
-    mc, ms, vc, vs = _state(rows, n, bs, scale_dtype, seed=rows)
+def test_kernel_equals_the_optimizer_xla_step(rows, n, bs, scale_dtype, g_dtype, fp8):
+    mc, ms, vc, vs = _state(rows, n, bs, scale_dtype, seed=rows, fp8=fp8)
     g = _grad(rows, n, g_dtype, seed=n)
     count = 7
     hyper = fa.hyperparameters(0.9, 0.999, 1e-8, count)
-    kernel = jax.jit(functools.partial(fa.adam_8bit_update, **KW, implementation="pallas",
+    maps_kw = dict(m_map="e4m3", v_map="e4m3") if fp8 else KW
+    kernel = jax.jit(functools.partial(fa.adam_update, **maps_kw, implementation="pallas",
                                        interpret=True))  # fmt: skip
     got = kernel(g, mc, ms, vc, vs, hyper)
     for strategy in ("plain", "recompute"):
-        want = jax.jit(_xla, static_argnums=(5, 6))(g, mc, ms, vc, vs, count, strategy)
+        want = jax.jit(_xla, static_argnums=(5, 6, 7))(g, mc, ms, vc, vs, count, strategy, fp8)
         _same_state(got, want)
+    if fp8:  # a positive second moment never rounds to 0 (the subnormal 1 instead)
+        v = np.asarray(got[3])
+        assert (v[:, bs:] == 1).any() and not (v >= 0x80).any()
     # the non-finite rule: no update, moments kept (same codes, as their block's scale holds)
     u = np.asarray(got[0])
     assert u[0, 3] == u[1, 5] == u[2, 7] == 0.0
     assert np.abs(u[3, 11]) > 0.5  # a huge gradient is clipped, not dropped
 
 
-def test_adamw_8bit_with_the_kernel_equals_the_xla_path_over_steps():
+@pytest.mark.parametrize("make", [optim.adamw_8bit, optim.adamw_fp8])
+def test_adamw_with_the_kernel_equals_the_xla_path_over_steps(make):
     params = {
         "w": jnp.zeros((40, 512)),         # one row of blocks per row
         "t": jnp.zeros((3, 5, 384)),       # leading axes flattened into rows
         "v": jnp.zeros((70000,)),          # a vector, padded to whole blocks
         "small": jnp.zeros((64,)),         # keeps float32 moments
     }  # fmt: skip
-    kernel_tx = optim.adamw_8bit(1e-3, weight_decay=0.1, implementation="pallas",
-                                 interpret=True)  # fmt: skip
-    xla_tx = optim.adamw_8bit(1e-3, weight_decay=0.1)
+    kernel_tx = make(1e-3, weight_decay=0.1, implementation="pallas", interpret=True)
+    xla_tx = make(1e-3, weight_decay=0.1)
     sk, sx = kernel_tx.init(params), xla_tx.init(params)
     pk = px = params
     step_k, step_x = jax.jit(kernel_tx.update), jax.jit(xla_tx.update)
@@ -136,14 +153,15 @@ def test_bad_operands_are_named():
     mc, ms = jnp.zeros((4, 512), jnp.uint8), jnp.zeros((4, 2), jnp.bfloat16)
     h = fa.hyperparameters(0.9, 0.999, 1e-8, 1)
     with pytest.raises(ValueError, match="m_codes must be uint8"):
-        fa.adam_8bit_update(g, mc.astype(jnp.int8), ms, mc, ms, h, **KW)
+        fa.adam_update(g, mc.astype(jnp.int8), ms, mc, ms, h, **KW)
     with pytest.raises(ValueError, match="v_scale"):
-        fa.adam_8bit_update(g, mc, ms, mc, jnp.zeros((4, 3)), h, **KW)
+        fa.adam_update(g, mc, ms, mc, jnp.zeros((4, 3)), h, **KW)
     with pytest.raises(ValueError, match="hyper"):
-        fa.adam_8bit_update(g, mc, ms, mc, ms, h[:, :4], **KW)
+        fa.adam_update(g, mc, ms, mc, ms, h[:, :4], **KW)
 
 
-def test_kernel_lowers_for_an_h100():
+@pytest.mark.parametrize("maps_kw", [KW, dict(m_map="e4m3", v_map="e4m3")], ids=["map8", "e4m3"])
+def test_kernel_lowers_for_an_h100(maps_kw):
     rows, n = 40, 1024
     args = (jax.ShapeDtypeStruct((rows, n), jnp.float32),
             jax.ShapeDtypeStruct((rows, n), jnp.uint8),
@@ -151,5 +169,5 @@ def test_kernel_lowers_for_an_h100():
             jax.ShapeDtypeStruct((rows, n), jnp.uint8),
             jax.ShapeDtypeStruct((rows, n // 256), jnp.bfloat16),
             jax.ShapeDtypeStruct((1, 8), jnp.float32))  # fmt: skip
-    fn = functools.partial(fa._triton, **KW, sign_fix=True, interpret=False)
+    fn = functools.partial(fa._triton, **maps_kw, sign_fix=True, interpret=False)
     assert "triton" in lower_or_skip(fn, *args).as_text()
