@@ -15,7 +15,8 @@ Example:
     >>> import optax, jaxq
     >>> from jaxq.models import GPTConfig, train
     >>> r = train(GPTConfig(d_model=32, n_heads=2, n_layers=1, seq_len=32), optax.adamw(3e-3),
-    ...           steps=2, max_bytes=100_000, recipe=jaxq.recipes.FP8Delayed(history_length=4))
+    ...           steps=2, max_bytes=100_000, eval_windows=8,
+    ...           recipe=jaxq.recipes.FP8Delayed(history_length=4))
     >>> sorted(r.recipe_state)[:2]
     ['blocks/0/attn/out', 'blocks/0/attn/qkv']
 """
