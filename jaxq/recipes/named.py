@@ -136,7 +136,7 @@ def MXFP4(
 
     ``scale_rounding`` as for :func:`MXFP8` (``"up"``: no element saturates at 6). Over a
     600-step GPT run (seeds 0 and 1) rounding up ended 2.00% above float32, the OCP rule
-    2.67%, although a single product's error is about the same either way.
+    2.66%, although a single product's error is about the same either way.
     """
     up = _mx_scales(scale_rounding)
     q = Quantizer(F.MXFP4, "block", power_of_two=up)

@@ -62,7 +62,7 @@ The mxfp8 and mxfp4 rows here and below were measured with the OCP scale rule, b
 MX recipes rounded their scales up (``scale_rounding="up"``). Re-measured 2026-12-01 on the
 SHORT setup, seeds 0 / 1 (float32 2.1671 / 2.1638), rounding up against the OCP rule:
 mxfp8 2.1812 / 2.1658 (mean +0.37%) against 2.1902 / 2.1831 (+0.98%); mxfp4 2.2128 /
-2.2048 (+2.00%) against 2.2308 / 2.2155 (+2.67%).
+2.2048 (+2.00%) against 2.2308 / 2.2155 (+2.66%).
 
 Seed 1 (float32 2.1638) for the two closest to their budget: int8 2.1675 (+0.17%), mxfp8
 2.1831 (+0.89%); so over seeds 0 and 1 int8 is +0.72% and mxfp8 +0.98%, both inside 1%, and
