@@ -14,7 +14,9 @@ backward of quantization-aware training. The backward pass saves the quantized o
 (codes and scales), never float copies. Recipes that quantize the gradient quantize an
 operand with row or ``1 × b`` block scales a second time, along the axis the backward
 product contracts, and save that orientation instead (as Transformer Engine does), so
-that each backward product has its scales off its contraction; straight-through (QAT)
+that each backward product has its scales off its contraction (``1 × b`` blocks along the
+token axis are formed in place, without a transpose, wherever the weight gradient is
+computed from dequantized values); straight-through (QAT)
 recipes reuse the forward's quantized values exactly. Operands without a quantizer are
 saved as they are, and so are both operands under ``backward_operands="float"``, whose
 backward products are ``Q_g(g) · wᵀ`` and ``xᵀ · Q_g(g)``.
@@ -138,6 +140,35 @@ def _pad(x: jax.Array, multiple: int) -> jax.Array:
     return x if not extra else jnp.pad(x, ((0, 0), (0, 0), (0, extra)))
 
 
+def _pad_rows(x: jax.Array, rows: int) -> jax.Array:
+    """Zero-pads the row (token) axis of a canonical ``(B, M, K)`` array to ``rows``."""
+    extra = rows - x.shape[1]
+    return x if not extra else jnp.pad(x, ((0, 0), (0, extra), (0, 0)))
+
+
+def _padded_m(cfg: _Config, m: int) -> int:
+    return -(-m // _multiple_m(cfg)) * _multiple_m(cfg)
+
+
+def _wgrad_in_place(cfg: _Config) -> bool:
+    """Whether the weight gradient quantizes its operands along the token axis in place.
+
+    Recipes whose gradient has ``1 × b`` blocks contract those blocks along the tokens in
+    the weight gradient. Where that product is computed from dequantized values (every
+    platform without a block-scaled GEMM for the format), the blocks are formed along the
+    token axis of the ``(B, M, ·)`` arrays as they lie, and the product contracts that axis:
+    the same codes and scales as transposing first, without moving the float data (on CPU
+    a transpose-then-quantize took twice as long as quantizing in place). With
+    ``hadamard_wgrad`` the operands are rotated along the token axis after a transpose.
+    """
+    r = cfg.recipe
+    xb = r.backward_quantizer("lhs")
+    blocked = lambda q: q is not None and q.granularity == "block"  # noqa: E731
+    return (blocked(r.grad) and not r.hadamard_wgrad
+            and (xb is None or xb.orientation_free or blocked(xb))
+            and not O.scaled_matmul_available())  # fmt: skip
+
+
 def _align(a: O.Operand, b: O.Operand) -> tuple[O.Operand, O.Operand]:
     """Pads the shorter contraction axis of two canonical operands to the longer one."""
     n = max(a.shape[-1], b.shape[-1])
@@ -170,6 +201,11 @@ def _forward(lhs, rhs, state, cfg: _Config):
     # The weight gradient contracts x along M (tokens): saved as (B, K, M) or transposed.
     if not _x_ready(cfg):
         x_saved = x3 if xb is None else xq
+    elif _wgrad_in_place(cfg):
+        x_saved = O.quantize_operand(
+            _pad_rows(x3, _padded_m(cfg, x3.shape[1])), xb, amax=la, key=keys["lhs_t"],
+            where=f"{cfg.op} lhs (blocks along the tokens)", axis=1,
+        )  # fmt: skip
     else:
         xt = _pad(x3.transpose(0, 2, 1), _multiple_m(cfg))
         if r.hadamard_wgrad:
@@ -234,6 +270,33 @@ def _backward(cfg: _Config, res, g):
     w_op = w_saved if _w_ready(cfg) else O.transpose(w_saved)
     dx3 = O.matmul(*_align(gq, w_op))
 
+    if _wgrad_in_place(cfg):
+        dw3 = _wgrad_along_tokens(cfg, g3, x_saved, g_amax, keys["grad_t"])
+    else:
+        dw3 = _wgrad_transposed(cfg, g3, gq, x_saved, g_amax, keys)
+
+    observed = dict(observed)
+    if "grad" in r.delayed_roles:
+        observed["grad"] = O.observe_amax(g3)
+    dlhs = c.lhs_back(dx3).astype(cfg.lhs_dtype)
+    drhs = c.rhs_back(dw3).astype(cfg.rhs_dtype)
+    return dlhs, drhs, _state_cotangent(state, observed)
+
+
+def _wgrad_along_tokens(cfg: _Config, g3, x_saved, g_amax, key):
+    """``Σ_m deq(Q_g(g))_{bmn} x_{bmk}`` with ``g``'s blocks along the tokens in place."""
+    rows = _padded_m(cfg, g3.shape[1])
+    gq = O.quantize_operand(_pad_rows(g3, rows), cfg.recipe.grad, amax=g_amax, key=key,
+                            where=f"{cfg.op} grad (blocks along the tokens)", axis=1)  # fmt: skip
+    x = _pad_rows(O.to_float(x_saved), rows)
+    dims = (((1,), (1,)), ((0,), (0,)))
+    return jax.lax.dot_general(O.to_float(gq), x, dims, precision=jax.lax.Precision.HIGHEST,
+                               preferred_element_type=jnp.float32)  # fmt: skip
+
+
+def _wgrad_transposed(cfg: _Config, g3, gq, x_saved, g_amax, keys):
+    """The weight gradient as a canonical product of the transposed operands."""
+    r = cfg.recipe
     gt = g3.transpose(0, 2, 1)
     if r.hadamard_wgrad or not (r.grad is None or r.grad.orientation_free):
         gt = _pad(gt, _multiple_m(cfg))
@@ -244,14 +307,7 @@ def _backward(cfg: _Config, res, g):
     else:
         gq_t = gt if r.grad is None else O.transpose(gq)
     x_op = x_saved if _x_ready(cfg) else O.transpose(x_saved)
-    dw3 = O.matmul(*_align(gq_t, x_op))
-
-    observed = dict(observed)
-    if "grad" in r.delayed_roles:
-        observed["grad"] = O.observe_amax(g3)
-    dlhs = c.lhs_back(dx3).astype(cfg.lhs_dtype)
-    drhs = c.rhs_back(dw3).astype(cfg.rhs_dtype)
-    return dlhs, drhs, _state_cotangent(state, observed)
+    return O.matmul(*_align(gq_t, x_op))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))

@@ -74,8 +74,13 @@ def quantize_operand(
     amax: jax.Array | None = None,
     key: jax.Array | None = None,
     where: str = "operand",
+    axis: int = 2,
 ) -> Operand:
     """Quantizes a canonical operand ``(B, R, K)`` along ``K`` as ``q`` says.
+
+    ``axis=1`` blocks a ``"block"`` quantizer along ``R`` instead, without moving the data:
+    the blocks, scales and codes are those of the transposed operand quantized along its
+    last axis, kept in ``(B, R, K)`` order (scales ``(B, R / b, K)``).
 
     Args:
         x3: the operand, contraction on the last axis.
@@ -91,7 +96,13 @@ def quantize_operand(
         return x3
     b, r, k = x3.shape
     fmt, bs = q.fmt, q.block_size
-    if q.granularity in ("block", "block2d") and k % bs:
+    if axis == 1 and (q.granularity != "block" or r % bs):
+        raise ValueError(
+            f"{where}: blocks along the rows need a 'block' quantizer whose block size {bs} "
+            f"divides the row dimension {r} (operand (batch, rows, contraction) = "
+            f"{tuple(x3.shape)}), got granularity {q.granularity!r}"
+        )
+    if axis == 2 and q.granularity in ("block", "block2d") and k % bs:
         raise ValueError(
             f"{where}: block size {bs} does not divide the contraction dimension {k} "
             f"(operand viewed as (batch, rows, contraction) = {tuple(x3.shape)}); "
@@ -109,16 +120,16 @@ def quantize_operand(
     elif q.granularity == "row":
         kw.update(axis=(0, 1))
     else:
-        kw.update(axis=2, block_size=None if isinstance(fmt, F.BlockFormat) else bs)
+        kw.update(axis=axis, block_size=None if isinstance(fmt, F.BlockFormat) else bs)
     m = q.element.max
     given = scaling_amax(x3, q, amax)
     if q.granularity == "block2d":
         given = _tile_amax(x3, bs)
     elif q.calibration == "absmean":
-        given = _group_stat(x3, q, jnp.mean)
+        given = _group_stat(x3, q, jnp.mean, axis)
     if q.power_of_two and not (isinstance(fmt, F.BlockFormat) and not fmt.is_mx):
         # MX: an amax of s·max gives the E8M0 exponent log2(s) (the round-up rule).
-        given = _pow2_amax(_group_stat(x3, q, jnp.max) if given is None else given, m)
+        given = _pow2_amax(_group_stat(x3, q, jnp.max, axis) if given is None else given, m)
     if given is not None:
         return quantize(x3, fmt, amax=given, **kw)
     calibration = q.calibration if not isinstance(q.calibration, str) else Absmax()
@@ -139,14 +150,17 @@ def scaling_amax(x: jax.Array, q: Quantizer, amax: jax.Array | None) -> jax.Arra
     return None
 
 
-def _group_stat(x3: jax.Array, q: Quantizer, reduce) -> jax.Array:
-    """``reduce`` of ``|x|`` (finite elements) over each scale group, in the scale shape."""
+def _group_stat(x3: jax.Array, q: Quantizer, reduce, axis: int = 2) -> jax.Array:
+    """``reduce`` of ``|x|`` (finite elements) over each scale group, in the scale shape
+    (``axis=1``: blocks along the rows)."""
     a = finite_abs(x3.astype(jnp.float32))
     if q.granularity == "tensor":
         return reduce(a)
     if q.granularity == "row":
         return reduce(a, axis=2, keepdims=True)
     b, r, k = x3.shape
+    if axis == 1:
+        return reduce(a.reshape(b, r // q.block_size, q.block_size, k), axis=2)
     return reduce(a.reshape(b, r, k // q.block_size, q.block_size), axis=-1)
 
 

@@ -477,3 +477,34 @@ def test_mx_scale_rounding_up_never_saturates_and_ocp_follows_the_spec(name):
         Quantizer("nvfp4", "block", power_of_two=True)
     with pytest.raises(ValueError, match="scale_rounding"):
         R.MXFP8(scale_rounding="down")
+
+
+@pytest.mark.parametrize("recipe", [
+    R.MXFP8(), R.MXFP8(backward_operands="float"),
+    R.NVFP4(random_hadamard=False, stochastic_rounding_grads=False),  # no random bits
+    R.FP8Blockwise(block_size=32),
+], ids=["mxfp8", "mxfp8_float_bwd", "nvfp4_no_hadamard", "fp8_blockwise"])  # fmt: skip
+def test_token_axis_blocks_in_place_equal_the_transposed_weight_gradient(recipe, monkeypatch):
+    """The weight gradient's 1 x b blocks along the tokens, formed in place, give the codes
+    and scales of quantizing the transposed operands (so the same product), ragged tokens
+    included."""
+    import sys
+
+    dg = sys.modules["jaxq.ops.dot_general"]
+    x = jax.random.normal(jax.random.key(0), (2, 50, 64)) * 3  # 100 tokens: padded to 128
+    w = jax.random.normal(jax.random.key(1), (64, 96))
+    g = jax.random.normal(jax.random.key(2), (2, 50, 96))
+    dn = (((2,), (0,)), ((), ()))
+    state = recipe.init(jax.random.key(3)) if recipe.needs_key else None
+
+    def grads():
+        f = lambda x, w: jaxq.ops.dot_general(x, w, dn, recipe=recipe, state=state)  # noqa: E731
+        return jax.jit(lambda x, w: jax.vjp(f, x, w)[1](g))(x, w)
+
+    assert dg._wgrad_in_place(dg._Config(recipe, None, None, None, "t"))
+    dx, dw = grads()
+    monkeypatch.setattr(dg, "_wgrad_in_place", lambda cfg: False)
+    dx_t, dw_t = grads()
+    np.testing.assert_array_equal(dx, dx_t)
+    scale = np.abs(np.asarray(dw_t)).max()
+    np.testing.assert_allclose(dw, dw_t, rtol=0, atol=1e-5 * scale)
