@@ -86,7 +86,7 @@ class Preset:
 
 
 PRESETS: dict[str, Preset] = {
-    # A five-minute demo on a 2-core CPU (236 s measured, cold compilation cache).
+    # A five-minute demo on a 2-core CPU (163 s measured without a compilation cache).
     "default": Preset(),
     # The longer comparison: the default model trained ten times longer, scored on four
     # times the held-out windows (570 s on a 2-core CPU with a warm compilation cache).
