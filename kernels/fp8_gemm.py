@@ -134,12 +134,9 @@ def _step(k: int) -> int | None:
 
 def why_not(impl: R.Implementation, a: QArray, b: QArray, *, interpret=False) -> str | None:
     """Why ``impl`` cannot multiply these operands here (``None``: it can)."""
-    if impl.name != "triton":
-        return f"no {impl.name} implementation"
-    if not interpret:
-        reason = R.check_gpu(8.9)
-        if reason:
-            return reason
+    reason = R.check_triton(impl, 8.9, interpret)
+    if reason:
+        return reason
     if _mode(a, b) is None:
         return (f"layouts {a.layout} x {b.layout}: need tensor/per-row scales on both, or "
                 "1x128 blocks along K on both")  # fmt: skip

@@ -21,8 +21,10 @@ E4M3 the scale is ``a / 448``, the codes ``E4M3(m / s)`` rounded to nearest even
 positive second moment that would round to 0 is stored as the smallest subnormal. This
 is :mod:`jaxq.optim`'s update; under XLA it reads and writes the moments several times
 (decode, block statistics, encode); the kernel reads each byte of state once and writes
-it once: ``4 (g) + 2 + 2·2B⁻¹ (codes, scales) + 4 (u)`` bytes per parameter against
-optax.adamw's ``4 + 8 + 8 + 4``.
+it once. Per parameter it reads the gradient (4 bytes) and two codes (2) and writes two
+codes (2) and the update (4): 12 bytes, plus ``8 / B`` of block scales; optax's float32
+Adam reads the gradient and two moments (12) and writes two moments and the update (12):
+24. This is byte counting; no GPU has timed it.
 
 The nearest-code search is one lookup in the map's bucket table
 (:class:`jaxq.optim.maps.CodeBook`'s ``search``, indexed by the high bits of the float32
@@ -258,12 +260,9 @@ def _triton(g, m_codes, m_scale, v_codes, v_scale, hyper, *, m_map, v_map, sign_
 
 def why_not(impl: R.Implementation, g, m_scale, m_map, v_map, *, interpret=False) -> str | None:
     """Why ``impl`` cannot run this update here (``None``: it can)."""
-    if impl.name != "triton":
-        return f"no {impl.name} implementation"
-    if not interpret:
-        reason = R.check_gpu(8.0)
-        if reason:
-            return reason
+    reason = R.check_triton(impl, 8.0, interpret)
+    if reason:
+        return reason
     bs = g.shape[1] // max(m_scale.shape[1], 1)
     if not _pow2(bs) or bs < 16:
         return f"the block size ({bs}) is not a power of two >= 16"

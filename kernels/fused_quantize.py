@@ -94,12 +94,9 @@ def reference_block_quantize(x, fmt="mxfp8"):
 
 def why_not(impl: R.Implementation, x, *, interpret=False, block=None) -> str | None:
     """Why ``impl`` cannot quantize ``x`` here (``None``: it can)."""
-    if impl.name != "triton":
-        return f"no {impl.name} implementation"
-    if not interpret:
-        reason = R.check_gpu(8.0)
-        if reason:
-            return reason
+    reason = R.check_triton(impl, 8.0, interpret)
+    if reason:
+        return reason
     if block is not None and x.shape[1] % block:
         return f"the last axis ({x.shape[1]}) is not a multiple of the block ({block})"
     return None

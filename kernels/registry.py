@@ -195,6 +195,15 @@ def check_gpu(min_cc: float) -> str | None:
     return None
 
 
+def check_triton(impl: Implementation, min_cc: float, interpret: bool) -> str | None:
+    """``None`` when ``impl`` is a kernel's Triton implementation and can run here: in
+    interpret mode anywhere, else on an NVIDIA GPU of compute capability ``min_cc`` or
+    newer; otherwise the reason it cannot (the shared start of every ``why_not``)."""
+    if impl.name != "triton":
+        return f"no {impl.name} implementation"
+    return None if interpret else check_gpu(min_cc)
+
+
 H100 = "NVIDIA H100 80GB HBM3"
 TPU_V5E = "TPU v5 lite"
 

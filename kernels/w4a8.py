@@ -95,12 +95,9 @@ def _w_step(w: QArray) -> int | None:
 
 def why_not(impl: R.Implementation, x: QArray, w: QArray, *, interpret=False) -> str | None:
     """Why ``impl`` cannot multiply these operands here (``None``: it can)."""
-    if impl.name != "triton":
-        return f"no {impl.name} implementation"
-    if not interpret:
-        reason = R.check_gpu(8.9)
-        if reason:
-            return reason
+    reason = R.check_triton(impl, 8.9, interpret)
+    if reason:
+        return reason
     if not _x_rowwise(x):
         return f"activation layout {x.layout} (per-tensor or per-row scales)"
     if _w_step(w) is None:

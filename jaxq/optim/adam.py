@@ -80,9 +80,6 @@ def _fused(hyper, implementation, interpret):
     size and scale dtype, on a single device: a Pallas call is not partitioned across
     devices, so sharded training keeps the XLA path.
     """
-    if implementation == "xla":
-        return None
-
     def fused(g, states, cs):
         m, v = cs
         m_spec, v_spec = _kernel_spec(m, True), _kernel_spec(v, False)
@@ -149,8 +146,9 @@ def _scale_by_adam(b1, b2, eps, codecs, *, keep_fp32, min_quantized_size,
             u = (m / bc1) / (jnp.sqrt(v) / bc2_sqrt + epsilon)
             return u, (m, v)
 
-        fused = _fused(fused_adam.hyperparameters(beta1, beta2, epsilon, count),
-                       implementation, interpret)  # fmt: skip
+        fused = None if implementation == "xla" else _fused(
+            fused_adam.hyperparameters(beta1, beta2, epsilon, count), implementation, interpret
+        )  # fmt: skip
         updates, (mu, nu) = step_moments(updates, (state.mu, state.nu), codecs, step,
                                          fused=fused)  # fmt: skip
         return updates, QuantizedAdamState(count, mu, nu)
