@@ -273,8 +273,13 @@ def _backward(cfg: _Config, res, g):
         return _backward_out(cfg, observed, state, g3, dx3, dw3)
     gq = O.quantize_operand(_pad(g3, _multiple_n(cfg)), r.grad, amax=g_amax, key=keys["grad"],
                             where=f"{cfg.op} grad")  # fmt: skip
-    w_op = w_saved if _w_ready(cfg) else O.transpose(w_saved)
-    dx3 = O.matmul(*_align(gq, w_op))
+    if _w_ready(cfg) or (O.transposes_as_codes(w_saved)
+                         and O.compute_path(gq, w_saved) != "dequantize"):  # fmt: skip
+        w_op = w_saved if _w_ready(cfg) else O.transpose(w_saved)
+        dx3 = O.matmul(*_align(gq, w_op))
+    else:  # a product of dequantized values: w (B, N, K) contracted along N as it lies
+        w = O.to_float(w_saved)
+        dx3 = _float_dot(O.to_float(gq), _pad_rows(w, gq.shape[2]), (2, 1))
 
     if _wgrad_in_place(cfg):
         dw3 = _wgrad_along_tokens(cfg, g3, x_saved, g_amax, keys["grad_t"])

@@ -305,6 +305,11 @@ def matmul(a: Operand, b: Operand) -> jax.Array:
     return out * _row_scale(a, "lhs") * _row_scale(b, "rhs")
 
 
+def transposes_as_codes(x: Operand) -> bool:
+    """Whether :func:`transpose` keeps ``x`` quantized (tensor-scaled unpacked codes)."""
+    return isinstance(x, QArray) and x.layout.kind == "tensor" and not x.packed
+
+
 def transpose(x: Operand) -> Operand:
     """Swaps the row and contraction axes of a canonical operand.
 
@@ -312,7 +317,7 @@ def transpose(x: Operand) -> Operand:
     values (exact), to be multiplied by the dequantize path.
     """
     if isinstance(x, QArray):
-        if x.layout.kind == "tensor" and not x.packed:
+        if transposes_as_codes(x):
             b, r, k = x.shape
             return QArray(
                 x.codes.transpose(0, 2, 1), x.scale, x.zero_point, x.tensor_scale,

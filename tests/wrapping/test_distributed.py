@@ -96,6 +96,13 @@ def _fsdp(mesh, x):
     return NamedSharding(mesh, PartitionSpec())
 
 
+def _leaf(tree, path):
+    """The leaf of ``tree`` at a key path of ``jax.tree_util.tree_leaves_with_path``."""
+    for key in path:
+        tree = tree[key.key] if hasattr(key, "key") else getattr(tree, key.name)
+    return tree
+
+
 def _functional_step(graphdef, tx):
     def step(params, rest, opt_state, tokens):
         model = nnx.merge(graphdef, params, rest)
@@ -126,11 +133,28 @@ def test_data_parallel_fsdp_step_matches_one_device_with_global_amax(tmp_path):
 
     assert float(loss_dp) == pytest.approx(float(loss_one), rel=1e-5)
     # Recipe state: the amaxes are global (the maximum over all eight shards), so the
-    # histories agree with the single-device run and are the same on every device.
-    for a, b in zip(jax.tree.leaves(one[1]), jax.tree.leaves(dp[1]), strict=True):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5)
+    # histories agree with the single-device run and are the same on every device. The
+    # forward amaxes agree to float rounding. A gradient amax can move by more: the shards
+    # sum in another order, and where that moves a value across an E5M2 rounding boundary
+    # the flipped code (a 12-25% step) propagates to the earlier layers' gradients (seen:
+    # one of 16 gradient amaxes 1.8% off, the rest within 1e-6). Per-shard amaxes would
+    # be smaller almost everywhere, which the median check catches.
+    grad_rel = []
+    for path, a in jax.tree_util.tree_leaves_with_path(one[1]):
+        b = _leaf(dp[1], path)
+        if "grad_history" in jax.tree_util.keystr(path):
+            a, b = np.asarray(a), np.asarray(b)
+            grad_rel.extend((np.abs(a - b) / np.maximum(np.abs(a), 1e-30))[a > 0])
+        else:
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5)
+    assert np.median(grad_rel) < 1e-5 and np.max(grad_rel) < 0.05, sorted(grad_rel)[-3:]
+    # The parameters after one step: Adam's first update is about lr·sign(g), so where
+    # such a flipped gradient code turns a tiny gradient's sign, that weight moves by 2·lr
+    # (seen: 36 of 4096 weights of one kernel); everything else agrees to rounding.
     for a, b in zip(jax.tree.leaves(one[0]), jax.tree.leaves(dp[0]), strict=True):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-3, atol=1e-5)
+        a, b = np.asarray(a), np.asarray(b)
+        assert np.isclose(a, b, rtol=1e-3, atol=1e-5).mean() > 0.98
+        assert np.max(np.abs(a - b)) <= 2.5e-3
     embedding = dp[0]["embed"]["embedding"].get_value()
     assert embedding.sharding.spec == PartitionSpec("data")  # still FSDP-sharded
 
