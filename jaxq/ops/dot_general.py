@@ -17,7 +17,9 @@ product contracts, and save that orientation instead (as Transformer Engine does
 that each backward product has its scales off its contraction (``1 × b`` blocks along the
 token axis are formed in place, without a transpose, wherever the weight gradient is
 computed from dequantized values); straight-through (QAT)
-recipes reuse the forward's quantized values exactly. Operands without a quantizer are
+recipes reuse the forward's quantized values exactly. A backward product of float or
+dequantized values contracts its operands along the shared axis as they lie, with no
+transposed copy of ``g``, ``x`` or ``w``. Operands without a quantizer are
 saved as they are, and so are both operands under ``backward_operands="float"``, whose
 backward products are ``Q_g(g) · wᵀ`` and ``xᵀ · Q_g(g)``.
 

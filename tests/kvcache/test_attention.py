@@ -49,9 +49,11 @@ def test_grouped_queries_equal_repeated_key_value_heads(fmt):
     n = HQ // HKV
     kr, vr = jnp.repeat(k, n, axis=2), jnp.repeat(v, n, axis=2)  # head h reads h // n
     options = dict(fmt=fmt, residual=R, group_size=G, window=W, rope=rope)
+    # The same values summed in another order (grouped einsum against repeated heads):
+    # float32 rounding, up to about 1.8e-6 on outputs of order 0.3 on some CPUs.
     np.testing.assert_allclose(kvcache.teacher_forced_attention(q, k, v, **options),
                                kvcache.teacher_forced_attention(q, kr, vr, **options),
-                               rtol=1e-6, atol=1e-6)  # fmt: skip
+                               rtol=1e-5, atol=1e-5)  # fmt: skip
 
 
 def test_float_cache_of_pre_rope_keys_equals_post_rope_cache():

@@ -6,11 +6,18 @@ float32 master weights and AdamW; each step casts the weights to float16
 with the float32 value of the gradients. The float32 run is ``jaxq.models.train`` itself.
 The short run (``make test``) must end within 1% of float32's validation loss.
 
-The full run (``make fidelity``; d = 128, 400 steps) measured float32 2.4904, plain
-float16 (the same recipe without scalify) 2.5384 (+1.9%) and float16 scalify 2.5450
-(+2.2%): at this length float16 arithmetic itself costs about 2%, and scalify adds no
-loss of its own beyond it. The full run therefore checks scalify against plain float16
-(1%) and against float32 within 3%.
+The full run (``make fidelity``) trains the recipe fidelity runs' short setup (d = 64, 2
+layers, seq 64, batch 16, 600 steps of AdamW with warm-up and cosine decay, weight decay
+0.1, 1 MB of corpus) to convergence for seeds 0 and 1, and holds the mean validation loss
+of float16 scalify within 1% of float32's. Measured 2026-12-01: seed 0 float32 2.1672,
+float16 scalify 2.1772 (+0.46%), plain float16 2.1779 (+0.50%); seed 1 float32 2.1638,
+scalify 2.1630 (-0.04%), plain 2.1633 (-0.02%); mean +0.21%.
+
+An earlier full run (d = 128, 400 steps at a constant learning rate) ended at float32
+2.4904, plain float16 +1.9%, scalify +2.2%: that run stopped while the loss was still
+falling steeply, where any perturbation, float16 rounding included, moves the final loss
+by a few percent (the float32 seed spread of the 600-step setup is 6% at 300 steps and
+0.16% at 600).
 """
 
 from __future__ import annotations
@@ -64,8 +71,8 @@ def _float16_train(config, optimizer, *, steps, seed, batch_size, max_bytes, use
     return np.asarray(losses), val
 
 
-def _compare(steps, config, batch_size=16, max_bytes=300_000, seed=0, budget=BUDGET):
-    opt = optax.adamw(3e-3)
+def _compare(steps, config, batch_size=16, max_bytes=300_000, seed=0, budget=BUDGET, opt=None):
+    opt = optax.adamw(3e-3) if opt is None else opt
     ref = train(config, opt, steps=steps, seed=seed, batch_size=batch_size,
                 max_bytes=max_bytes, eval_windows=256)  # fmt: skip
     kw = dict(steps=steps, seed=seed, batch_size=batch_size, max_bytes=max_bytes)
@@ -82,9 +89,16 @@ def test_short_float16_scalify_training():
 
 @pytest.mark.fidelity
 def test_full_float16_scalify_training():
-    config = GPTConfig(d_model=128, n_heads=4, n_layers=2, seq_len=64)
-    ref, val, rerun = _compare(400, config, max_bytes=1_000_000, budget=0.03)
-    _, plain = rerun(use_scalify=False)
-    print(f"float32 {ref:.4f}  plain float16 {plain:.4f} ({plain / ref - 1:+.2%})  "
-          f"float16 scalify {val:.4f} ({val / ref - 1:+.2%})")  # fmt: skip
-    assert abs(val / plain - 1) < BUDGET, (val, plain)
+    """Seeds 0 and 1 of the recipe fidelity runs' short setup, trained to convergence."""
+    config, steps = GPTConfig(d_model=64, n_heads=4, n_layers=2, seq_len=64), 600
+    schedule = optax.warmup_cosine_decay_schedule(0.0, 3e-3, steps // 10, steps, 0.0)
+    opt = optax.adamw(schedule, weight_decay=0.1)
+    refs, vals = [], []
+    for seed in (0, 1):
+        ref, val, rerun = _compare(steps, config, max_bytes=1_000_000, seed=seed, opt=opt)
+        _, plain = rerun(use_scalify=False)
+        print(f"seed {seed}: float32 {ref:.4f}  plain float16 {plain:.4f} "
+              f"({plain / ref - 1:+.2%})  float16 scalify {val:.4f} ({val / ref - 1:+.2%})")
+        refs.append(ref)
+        vals.append(val)
+    assert abs(np.mean(vals) / np.mean(refs) - 1) < BUDGET, (vals, refs)

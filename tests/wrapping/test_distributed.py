@@ -96,13 +96,6 @@ def _fsdp(mesh, x):
     return NamedSharding(mesh, PartitionSpec())
 
 
-def _leaf(tree, path):
-    """The leaf of ``tree`` at a key path of ``jax.tree_util.tree_leaves_with_path``."""
-    for key in path:
-        tree = tree[key.key] if hasattr(key, "key") else getattr(tree, key.name)
-    return tree
-
-
 def _functional_step(graphdef, tx):
     def step(params, rest, opt_state, tokens):
         model = nnx.merge(graphdef, params, rest)
@@ -140,8 +133,8 @@ def test_data_parallel_fsdp_step_matches_one_device_with_global_amax(tmp_path):
     # one of 16 gradient amaxes 1.8% off, the rest within 1e-6). Per-shard amaxes would
     # be smaller almost everywhere, which the median check catches.
     grad_rel = []
-    for path, a in jax.tree_util.tree_leaves_with_path(one[1]):
-        b = _leaf(dp[1], path)
+    leaves = jax.tree_util.tree_leaves_with_path(one[1])
+    for (path, a), b in zip(leaves, jax.tree.leaves(dp[1]), strict=True):
         if "grad_history" in jax.tree_util.keystr(path):
             a, b = np.asarray(a), np.asarray(b)
             grad_rel.extend((np.abs(a - b) / np.maximum(np.abs(a), 1e-30))[a > 0])
