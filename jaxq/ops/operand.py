@@ -153,15 +153,25 @@ def scaling_amax(x: jax.Array, q: Quantizer, amax: jax.Array | None) -> jax.Arra
 def _group_stat(x3: jax.Array, q: Quantizer, reduce, axis: int = 2) -> jax.Array:
     """``reduce`` of ``|x|`` (finite elements) over each scale group, in the scale shape
     (``axis=1``: blocks along the rows)."""
-    a = finite_abs(x3.astype(jnp.float32))
-    if q.granularity == "tensor":
-        return reduce(a)
-    if q.granularity == "row":
-        return reduce(a, axis=2, keepdims=True)
     b, r, k = x3.shape
-    if axis == 1:
-        return reduce(a.reshape(b, r // q.block_size, q.block_size, k), axis=2)
-    return reduce(a.reshape(b, r, k // q.block_size, q.block_size), axis=-1)
+
+    def stat(a):
+        if q.granularity == "tensor":
+            return reduce(a)
+        if q.granularity == "row":
+            return reduce(a, axis=2, keepdims=True)
+        if axis == 1:
+            return reduce(a.reshape(b, r // q.block_size, q.block_size, k), axis=2)
+        return reduce(a.reshape(b, r, k // q.block_size, q.block_size), axis=-1)
+
+    xf = x3.astype(jnp.float32)
+    if reduce is jnp.max:
+        # One reduction of |x| as it is in the common case, the masked one only if a group's
+        # maximum is not finite (XLA:CPU otherwise writes the masked |x| out before reducing).
+        raw = stat(jnp.abs(xf))
+        return jax.lax.cond(jnp.all(jnp.isfinite(raw)), lambda: raw,
+                            lambda: stat(finite_abs(xf)))  # fmt: skip
+    return stat(finite_abs(xf))
 
 
 def is_quantized(x: Operand) -> bool:
