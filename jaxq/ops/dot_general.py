@@ -275,13 +275,15 @@ def _backward(cfg: _Config, res, g):
         return _backward_out(cfg, observed, state, g3, dx3, dw3)
     gq = O.quantize_operand(_pad(g3, _multiple_n(cfg)), r.grad, amax=g_amax, key=keys["grad"],
                             where=f"{cfg.op} grad")  # fmt: skip
-    if _w_ready(cfg) or (O.transposes_as_codes(w_saved)
-                         and O.compute_path(gq, w_saved) != "dequantize"):  # fmt: skip
+    # w (B, N, K) contracted along N as it lies, where no GEMM needs it transposed
+    dx3 = None
+    if not _w_ready(cfg):
+        n = gq.shape[2]  # the gradient's output axis, zero-padded to its blocks
+        w = w_saved if w_saved.shape[1] == n else _pad_rows(O.to_float(w_saved), n)
+        dx3 = O.contract(gq, w, (2, 1))
+    if dx3 is None:
         w_op = w_saved if _w_ready(cfg) else O.transpose(w_saved)
         dx3 = O.matmul(*_align(gq, w_op))
-    else:  # a product of dequantized values: w (B, N, K) contracted along N as it lies
-        w = O.to_float(w_saved)
-        dx3 = _float_dot(O.to_float(gq), _pad_rows(w, gq.shape[2]), (2, 1))
 
     if _wgrad_in_place(cfg):
         dw3 = _wgrad_along_tokens(cfg, g3, x_saved, g_amax, keys["grad_t"])
@@ -327,6 +329,10 @@ def _wgrad_transposed(cfg: _Config, g3, gq, x_saved, g_amax, keys):
         gq_t = O.quantize_operand(gt, r.grad, amax=g_amax, key=keys["grad_t"],
                                   where=f"{cfg.op} grad (transposed)")  # fmt: skip
     else:
+        if not _x_ready(cfg):  # g and x contracted along the tokens as they lie, if possible
+            dw3 = O.contract(g3 if r.grad is None else gq, x_saved, (1, 1))
+            if dw3 is not None:
+                return dw3
         gq_t = gt if r.grad is None else O.transpose(gq)
     x_op = x_saved if _x_ready(cfg) else O.transpose(x_saved)
     return O.matmul(*_align(gq_t, x_op))

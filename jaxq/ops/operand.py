@@ -315,6 +315,31 @@ def matmul(a: Operand, b: Operand) -> jax.Array:
     return out * _row_scale(a, "lhs") * _row_scale(b, "rhs")
 
 
+def contract(a: Operand, b: Operand, axes: tuple[int, int]) -> jax.Array | None:
+    """``Σ deq(a)·deq(b)`` over axis ``axes[0]`` of ``a`` and ``axes[1]`` of ``b`` (batch axis
+    0 of both; the output has ``a``'s remaining axis, then ``b``'s), in float32, with the
+    operands as they lie: no transposed copy.
+
+    Returns ``None`` where the product needs :func:`matmul`'s canonical layout: a GEMM on
+    integer codes, a block-scaled GEMM, or an FP8 GEMM on a GPU. FP8 codes with tensor
+    scales elsewhere are multiplied as float32 and scaled once, as :func:`matmul` does.
+    """
+    dims = (((axes[0],), (axes[1],)), ((0,), (0,)))
+
+    def dot(x, y):
+        return jax.lax.dot_general(x.astype(jnp.float32), y.astype(jnp.float32), dims,
+                                   precision=jax.lax.Precision.HIGHEST,
+                                   preferred_element_type=jnp.float32)  # fmt: skip
+
+    path = compute_path(a, b)
+    if path == "dequantize":
+        return dot(to_float(a), to_float(b))
+    tensors = transposes_as_codes(a) and transposes_as_codes(b)
+    if path == "fp8" and tensors and jax.default_backend() != "gpu":
+        return dot(a.codes, b.codes) * a.scale.astype(jnp.float32) * b.scale.astype(jnp.float32)
+    return None
+
+
 def transposes_as_codes(x: Operand) -> bool:
     """Whether :func:`transpose` keeps ``x`` quantized (tensor-scaled unpacked codes)."""
     return isinstance(x, QArray) and x.layout.kind == "tensor" and not x.packed
