@@ -54,7 +54,8 @@ from jaxq.quantization.qarray import QArray, dequantize
 
 from . import registry as R
 
-__all__ = ["scaled_fp8_matmul", "reference", "expand_block_scales", "Config", "why_not"]
+__all__ = ["scaled_fp8_matmul", "reference", "expand_block_scales", "Config", "why_not",
+           "kernel_for"]
 
 _FP8 = (F.E4M3, F.E5M2)
 _OUT = (np.dtype(jnp.float32), np.dtype(jnp.bfloat16))
@@ -206,6 +207,20 @@ def _triton(a: QArray, b: QArray, out_dtype, with_amax, cfg: Config, interpret: 
     if with_amax:
         return outs[0], jnp.max(outs[1])
     return outs[0]
+
+
+def kernel_for(a, b, *, interpret: bool = False, modes=("rowwise", "blockwise")) -> str | None:
+    """The Pallas implementation ``scaled_fp8_matmul(a, b, interpret=interpret)`` would
+    run here for scale layouts in ``modes`` (``"rowwise"``, ``"blockwise"``), or ``None``.
+    Never raises for unsupported arguments."""
+    try:
+        _check_args(a, b, jnp.float32)
+    except (TypeError, ValueError):
+        return None
+    if _mode(a, b) not in modes:
+        return None
+    impl = R.choose("scaled_fp8_matmul", None, lambda i: why_not(i, a, b, interpret=interpret))
+    return None if impl == "xla" else impl
 
 
 def scaled_fp8_matmul(

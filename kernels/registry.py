@@ -13,7 +13,9 @@ implementation to run:
 
 The environment variable ``JAXQ_KERNELS=xla`` makes ``implementation=None`` mean ``"xla"``
 everywhere (read when a dispatcher is traced: a function already compiled under ``jit``
-keeps the choice it was traced with).
+keeps the choice it was traced with). ``JAXQ_KERNELS=interpret`` makes the dispatch points
+of :mod:`jaxq.ops` run the kernels in Pallas interpret mode on any platform
+(:mod:`jaxq.ops.kernel_dispatch`), to test that dispatch without an accelerator.
 
 Example:
     >>> from jaxq import kernels
@@ -33,7 +35,7 @@ import jax
 
 __all__ = [
     "Implementation", "Kernel", "register", "kernels", "get", "choose", "table", "ENV",
-    "platform", "jax_version", "gpu_compute_capability", "lower_for",
+    "platform", "jax_version", "gpu_compute_capability", "lower_for", "forced",
 ]  # fmt: skip
 
 ENV = "JAXQ_KERNELS"
@@ -103,6 +105,12 @@ def get(name: str) -> Kernel:
     return _REGISTRY[name]
 
 
+def forced() -> str | None:
+    """``"xla"`` or ``"interpret"`` when ``JAXQ_KERNELS`` says so, else ``None``."""
+    value = os.environ.get(ENV, "").strip().lower()
+    return value if value in ("xla", "interpret") else None
+
+
 def choose(name: str, implementation: str | None, why_not: Callable) -> str:
     """The implementation a dispatcher runs (module docstring).
 
@@ -116,7 +124,7 @@ def choose(name: str, implementation: str | None, why_not: Callable) -> str:
         ValueError: unknown implementation, or a Pallas one was asked for and none can run.
     """
     kernel = get(name)
-    if implementation is None and os.environ.get(ENV, "").strip().lower() == "xla":
+    if implementation is None and forced() == "xla":
         implementation = "xla"
     if implementation not in (None, "pallas"):
         kernel.implementation(implementation)  # validates the name

@@ -43,7 +43,7 @@ from jaxq.quantization.qarray import QArray, dequantize
 
 from . import registry as R
 
-__all__ = ["w4a8_matmul", "reference", "Config", "why_not"]
+__all__ = ["w4a8_matmul", "reference", "Config", "why_not", "kernel_for"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,6 +159,17 @@ def _triton(x: QArray, w: QArray, cfg: Config, interpret: bool) -> jax.Array:
         interpret=interpret,
         name="jaxq_w4a8",
     )(xe, xo, w.codes, sx, sw.astype(jnp.float32))
+
+
+def kernel_for(x, w, *, interpret: bool = False) -> str | None:
+    """The Pallas implementation ``w4a8_matmul(x, w, interpret=interpret)`` would run
+    here, or ``None``. Never raises for unsupported arguments."""
+    try:
+        _check_args(x, w)
+    except (TypeError, ValueError):
+        return None
+    impl = R.choose("w4a8_matmul", None, lambda i: why_not(i, x, w, interpret=interpret))
+    return None if impl == "xla" else impl
 
 
 def w4a8_matmul(

@@ -51,7 +51,8 @@ from jaxq.quantization.qarray import QArray, dequantize
 
 from . import registry as R
 
-__all__ = ["weight_only_matmul", "reference", "Config", "why_not", "decode_nibbles"]
+__all__ = ["weight_only_matmul", "reference", "Config", "why_not", "decode_nibbles",
+           "kernel_for"]
 
 _ACT_DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
 _FORMATS = {"int4": F.INT4, "nf4": F.NF4, "e2m1": F.E2M1, "int8": F.INT8}
@@ -325,14 +326,16 @@ def weight_only_matmul(
     return _triton(x, w, config or Config(), interpret)
 
 
-def kernel_for(x, w) -> str | None:
-    """The Pallas implementation ``weight_only_matmul(x, w)`` would run here, or ``None``
-    (then it computes :func:`reference`). Never raises for unsupported arguments."""
+def kernel_for(x, w, *, interpret: bool = False) -> str | None:
+    """The Pallas implementation ``weight_only_matmul(x, w, interpret=interpret)`` would
+    run here, or ``None`` (then it computes :func:`reference`). Never raises for
+    unsupported arguments."""
     try:
         _check_args(x, w)
     except (TypeError, ValueError):
         return None
-    impl = R.choose("weight_only_matmul", None, lambda i: why_not(i, x, w))
+    impl = R.choose("weight_only_matmul", None,
+                    lambda i: why_not(i, x, w, interpret=interpret))  # fmt: skip
     return None if impl == "xla" else impl
 
 

@@ -270,8 +270,8 @@ def _backward(cfg: _Config, res, g):
     if r.grad is None and not r.hadamard_wgrad:
         # Straight-through gradient: both products are float ones, contracted as the
         # operands lie (no transposed copies of g, x or w).
-        dx3 = _float_dot(g3, O.to_float(w_saved), (2, 1))
-        dw3 = _float_dot(g3, O.to_float(x_saved), (1, 1))
+        dx3 = O.contract(g3, w_saved, (2, 1))
+        dw3 = O.contract(g3, x_saved, (1, 1))
         return _backward_out(cfg, observed, state, g3, dx3, dw3)
     gq = O.quantize_operand(_pad(g3, _multiple_n(cfg)), r.grad, amax=g_amax, key=keys["grad"],
                             where=f"{cfg.op} grad")  # fmt: skip
@@ -302,20 +302,12 @@ def _backward_out(cfg: _Config, observed, state, g3, dx3, dw3):
     return dlhs, drhs, _state_cotangent(state, observed)
 
 
-def _float_dot(a: jax.Array, b: jax.Array, contract: tuple[int, int]) -> jax.Array:
-    """``Σ a·b`` over axis ``contract[0]`` of ``a`` and ``contract[1]`` of ``b`` (batch 0),
-    accumulated in float32: the remaining axes of ``a`` come first."""
-    dims = (((contract[0],), (contract[1],)), ((0,), (0,)))
-    return jax.lax.dot_general(a, b, dims, precision=jax.lax.Precision.HIGHEST,
-                               preferred_element_type=jnp.float32)  # fmt: skip
-
-
 def _wgrad_along_tokens(cfg: _Config, g3, x_saved, g_amax, key):
     """``Σ_m deq(Q_g(g))_{bmn} x_{bmk}`` with ``g``'s blocks along the tokens in place."""
     rows = _padded_m(cfg, g3.shape[1])
     gq = O.quantize_operand(_pad_rows(g3, rows), cfg.recipe.grad, amax=g_amax, key=key,
                             where=f"{cfg.op} grad (blocks along the tokens)", axis=1)  # fmt: skip
-    return _float_dot(O.to_float(gq), _pad_rows(O.to_float(x_saved), rows), (1, 1))
+    return O.contract(O.to_float(gq), _pad_rows(O.to_float(x_saved), rows), (1, 1))
 
 
 def _wgrad_transposed(cfg: _Config, g3, gq, x_saved, g_amax, keys):

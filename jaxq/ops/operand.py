@@ -5,7 +5,9 @@ Every product is brought to the canonical batched form ``(B, M, K) × (B, N, K) 
 with :func:`jaxq.quantize` along that axis; the result is a :class:`jaxq.QArray`, or the
 operand itself where its :class:`~jaxq.ops.Quantizer` is ``None``.
 
-:func:`matmul` is the one dispatch point of the quantized products:
+:func:`matmul` is the one dispatch point of the quantized products. It first asks
+:func:`jaxq.ops.kernel_dispatch.kernel_product` whether a :mod:`jaxq.kernels` kernel takes
+the product here (weight-only, W4A8 and blockwise FP8 on a GPU; never on CPU); otherwise:
 
 * FP8 × FP8 with scales constant along ``K`` (tensor or row): ``lax.dot_general`` on the
   float8 codes with ``preferred_element_type=float32``, scales applied to the output
@@ -19,7 +21,6 @@ operand itself where its :class:`~jaxq.ops.Quantizer` is ``None``.
 * Everything else (block scales along ``K`` elsewhere, sub-byte floats, NF4, mixed
   formats, weight-only): dequantize to float32 and multiply in float32 at the highest
   precision.
-  The kernels layer replaces this path where it has a faster kernel with the same values.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxq import formats as F
+from jaxq.ops.kernel_dispatch import kernel_product
 from jaxq.ops.spec import Quantizer
 from jaxq.quantization import packing
 from jaxq.quantization.calibration import Absmax, finite_abs
@@ -294,6 +296,9 @@ def matmul(a: Operand, b: Operand) -> jax.Array:
     The value is ``Σ_k deq(a)_{bmk} deq(b)_{bnk}`` accumulated in float32, whatever path
     computes it (module docstring).
     """
+    y = kernel_product(a, b)  # a jaxq.kernels kernel where one runs here (GPU/TPU)
+    if y is not None:
+        return y
     path = compute_path(a, b)
     if path == "scaled_matmul":
         la, lb, sa, sb, post = scaled_matmul_operands(a, b)

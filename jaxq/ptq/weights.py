@@ -36,7 +36,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxq.kernels import weight_only
 from jaxq.ops import operand as O
 from jaxq.ops.dims import canonicalize, normalize_dimension_numbers
 from jaxq.ops.dot_general import lsq_operand
@@ -202,10 +201,7 @@ def serving_dot_general(
         xq = lsq_operand(x3, act, weight.act_step)
     else:
         xq = O.quantize_operand(x3, act, amax=weight.act_amax, where=f"{where} activations")
-    if not O.is_quantized(xq) and weight_only.kernel_for(xq, weight.weight) is not None:
-        y3 = weight_only.weight_only_matmul(xq, weight.weight)  # within its tolerance
-    else:
-        y3 = O.matmul(xq, weight.weight)
+    y3 = O.matmul(xq, weight.weight)  # a kernel where one runs here, within its tolerance
     out_dtype = preferred_element_type or jnp.result_type(lhs, rhs)
     out = canon.out(y3).astype(out_dtype)
     if out_sharding is not None:

@@ -508,3 +508,45 @@ def test_token_axis_blocks_in_place_equal_the_transposed_weight_gradient(recipe,
     np.testing.assert_array_equal(dx, dx_t)
     scale = np.abs(np.asarray(dw_t)).max()
     np.testing.assert_allclose(dw, dw_t, rtol=0, atol=1e-5 * scale)
+
+
+
+@pytest.mark.parametrize("fa, fb, gran", [
+    ("e5m2", "e4m3", "tensor"),  # FP8 codes with tensor scales: multiplied as codes
+    ("e4m3", "e4m3", "block"),  # block scales: dequantized values
+    (None, "int8", "row"),  # a float operand
+], ids=["fp8_tensor", "fp8_block", "float_x_int8"])  # fmt: skip
+def test_contract_equals_the_canonical_product_without_transposes(fa, fb, gran):
+    """``operand.contract`` contracts any pair of axes as the operands lie: the float64
+    product of the dequantized operands within float32 rounding, and ``matmul`` of the
+    transposed operands to the same bound."""
+    from jaxq.ops import operand as O
+
+    rng = np.random.default_rng(SEED)
+    g = (rng.standard_normal((1, 96, 64)) * 1e-3).astype(np.float32)  # (B, M, N)
+    x = rng.standard_normal((1, 96, 128)).astype(np.float32)  # (B, M, K)
+    x[..., 5] *= 40.0  # an outlier channel
+    w = (rng.standard_normal((1, 64, 128)) * 0.05).astype(np.float32)  # (B, N, K)
+
+    def q(v, f):
+        return jnp.asarray(v) if f is None else quantize_operand(
+            jnp.asarray(v), Quantizer(f, gran, 32 if gran == "block" else None))  # fmt: skip
+
+    def f64(v):
+        return np.asarray(O.to_float(v), np.float64)
+
+    a = q(g, fa)
+    for b, axes, spec in [(q(x, fb), (1, 1), "bmn,bmk->bnk"),  # the weight gradient
+                          (q(w, fb), (2, 1), "bmn,bnk->bmk")]:  # the input gradient
+        got = np.asarray(O.contract(a, b, axes))
+        ref = np.einsum(spec, f64(a), f64(b))
+        mag = np.einsum(spec, np.abs(f64(a)), np.abs(f64(b)))
+        assert got.shape == ref.shape
+        assert np.all(np.abs(got - ref) <= 1e-5 * mag)
+        canon = O.matmul(O.transpose(a), O.transpose(b)) if axes == (1, 1) else O.matmul(
+            a, O.transpose(b))  # fmt: skip
+        assert np.all(np.abs(got - np.asarray(canon)) <= 2e-5 * mag)
+    # integer codes on both sides need the canonical layout (the int8 x int8 -> int32 GEMM)
+    ia = quantize_operand(jnp.asarray(g), Quantizer("int8", "row"))
+    ib = quantize_operand(jnp.asarray(w.transpose(0, 2, 1)), Quantizer("int8", "row"))
+    assert O.contract(ia, ib, (2, 2)) is None

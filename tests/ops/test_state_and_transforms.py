@@ -190,7 +190,9 @@ def test_sharded_weights_and_batch_match_unsharded():
         ws = jax.device_put(w, NamedSharding(mesh, P(None, "model")))
         (l1, g1), (l2, g2) = f(w, x), f(ws, xs)
         np.testing.assert_allclose(l1, l2, rtol=1e-5)
-        np.testing.assert_allclose(g1, g2, rtol=1e-4, atol=1e-5)
+        # the sharded contraction sums its partial products in another order: float32
+        # rounding of a sum of terms up to max |g|, so the bound scales with it
+        np.testing.assert_allclose(g1, g2, rtol=1e-4, atol=1e-5 * float(jnp.abs(g1).max()))
 
 
 def test_einsum_matches_dot_general():
