@@ -213,14 +213,13 @@ def kernel_for(a, b, *, interpret: bool = False, modes=("rowwise", "blockwise"))
     """The Pallas implementation ``scaled_fp8_matmul(a, b, interpret=interpret)`` would
     run here for scale layouts in ``modes`` (``"rowwise"``, ``"blockwise"``), or ``None``.
     Never raises for unsupported arguments."""
-    try:
+    def check():
         _check_args(a, b, jnp.float32)
-    except (TypeError, ValueError):
-        return None
-    if _mode(a, b) not in modes:
-        return None
-    impl = R.choose("scaled_fp8_matmul", None, lambda i: why_not(i, a, b, interpret=interpret))
-    return None if impl == "xla" else impl
+        if _mode(a, b) not in modes:
+            raise ValueError(f"scale layouts {a.layout} x {b.layout} are not in {modes}")
+
+    return R.pallas_for("scaled_fp8_matmul", check,
+                        lambda i: why_not(i, a, b, interpret=interpret))  # fmt: skip
 
 
 def scaled_fp8_matmul(

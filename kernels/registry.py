@@ -35,7 +35,7 @@ import jax
 
 __all__ = [
     "Implementation", "Kernel", "register", "kernels", "get", "choose", "table", "ENV",
-    "platform", "jax_version", "gpu_compute_capability", "lower_for", "forced",
+    "platform", "jax_version", "gpu_compute_capability", "lower_for", "forced", "pallas_for",
 ]  # fmt: skip
 
 ENV = "JAXQ_KERNELS"
@@ -142,6 +142,19 @@ def choose(name: str, implementation: str | None, why_not: Callable) -> str:
         return "xla"
     detail = "; ".join(f"{k}: {v}" for k, v in reasons.items())
     raise ValueError(f"{name}: implementation={implementation!r} cannot run here ({detail})")
+
+
+def pallas_for(name: str, check_args: Callable, why_not: Callable) -> str | None:
+    """The Pallas implementation ``choose(name, None, why_not)`` picks, or ``None`` where
+    it picks XLA or ``check_args()`` rejects the arguments (``TypeError``/``ValueError``):
+    what a dispatch point asks before handing a product to a kernel. Never raises for
+    unsupported arguments."""
+    try:
+        check_args()
+    except (TypeError, ValueError):
+        return None
+    impl = choose(name, None, why_not)
+    return None if impl == "xla" else impl
 
 
 def table() -> str:

@@ -164,12 +164,8 @@ def _triton(x: QArray, w: QArray, cfg: Config, interpret: bool) -> jax.Array:
 def kernel_for(x, w, *, interpret: bool = False) -> str | None:
     """The Pallas implementation ``w4a8_matmul(x, w, interpret=interpret)`` would run
     here, or ``None``. Never raises for unsupported arguments."""
-    try:
-        _check_args(x, w)
-    except (TypeError, ValueError):
-        return None
-    impl = R.choose("w4a8_matmul", None, lambda i: why_not(i, x, w, interpret=interpret))
-    return None if impl == "xla" else impl
+    return R.pallas_for("w4a8_matmul", lambda: _check_args(x, w),
+                        lambda i: why_not(i, x, w, interpret=interpret))  # fmt: skip
 
 
 def w4a8_matmul(

@@ -330,13 +330,8 @@ def kernel_for(x, w, *, interpret: bool = False) -> str | None:
     """The Pallas implementation ``weight_only_matmul(x, w, interpret=interpret)`` would
     run here, or ``None`` (then it computes :func:`reference`). Never raises for
     unsupported arguments."""
-    try:
-        _check_args(x, w)
-    except (TypeError, ValueError):
-        return None
-    impl = R.choose("weight_only_matmul", None,
-                    lambda i: why_not(i, x, w, interpret=interpret))  # fmt: skip
-    return None if impl == "xla" else impl
+    return R.pallas_for("weight_only_matmul", lambda: _check_args(x, w),
+                        lambda i: why_not(i, x, w, interpret=interpret))  # fmt: skip
 
 
 R.register(R.Kernel(

@@ -132,8 +132,10 @@ def _multiple_m(cfg: _Config) -> int:
 
 
 def _multiple_n(cfg: _Config) -> int:
-    """What the output axis (the input gradient's contraction) is zero-padded to a multiple of."""
-    return math.lcm(_block(cfg.recipe.backward_quantizer("rhs")), _block(cfg.recipe.grad))
+    """What the output axis (the input gradient's contraction) is zero-padded to a multiple
+    of: the gradient's blocks, and the weight's where it is re-quantized along that axis."""
+    wb = cfg.recipe.backward_quantizer("rhs") if _w_ready(cfg) else None
+    return math.lcm(_block(wb), _block(cfg.recipe.grad))
 
 
 def _pad(x: jax.Array, multiple: int) -> jax.Array:
@@ -267,12 +269,6 @@ def _backward(cfg: _Config, res, g):
     saved, keys, g_amax, observed, state = res
     w_saved, x_saved = saved.unwrap()
     g3 = c.out3(g)
-    if r.grad is None and not r.hadamard_wgrad:
-        # Straight-through gradient: both products are float ones, contracted as the
-        # operands lie (no transposed copies of g, x or w).
-        dx3 = O.contract(g3, w_saved, (2, 1))
-        dw3 = O.contract(g3, x_saved, (1, 1))
-        return _backward_out(cfg, observed, state, g3, dx3, dw3)
     gq = O.quantize_operand(_pad(g3, _multiple_n(cfg)), r.grad, amax=g_amax, key=keys["grad"],
                             where=f"{cfg.op} grad")  # fmt: skip
     # w (B, N, K) contracted along N as it lies, where no GEMM needs it transposed
@@ -289,11 +285,7 @@ def _backward(cfg: _Config, res, g):
         dw3 = _wgrad_along_tokens(cfg, g3, x_saved, g_amax, keys["grad_t"])
     else:
         dw3 = _wgrad_transposed(cfg, g3, gq, x_saved, g_amax, keys)
-    return _backward_out(cfg, observed, state, g3, dx3, dw3)
 
-
-def _backward_out(cfg: _Config, observed, state, g3, dx3, dw3):
-    r, c = cfg.recipe, cfg.canon
     observed = dict(observed)
     if "grad" in r.delayed_roles:
         observed["grad"] = O.observe_amax(g3)
@@ -313,19 +305,19 @@ def _wgrad_along_tokens(cfg: _Config, g3, x_saved, g_amax, key):
 def _wgrad_transposed(cfg: _Config, g3, gq, x_saved, g_amax, keys):
     """The weight gradient as a canonical product of the transposed operands."""
     r = cfg.recipe
-    gt = g3.transpose(0, 2, 1)
     if r.hadamard_wgrad or not (r.grad is None or r.grad.orientation_free):
-        gt = _pad(gt, _multiple_m(cfg))
+        gt = _pad(g3.transpose(0, 2, 1), _multiple_m(cfg))
         if r.hadamard_wgrad:
             gt = hadamard(gt, -1, key=keys["hadamard"], block_size=_HADAMARD_BLOCK)
         gq_t = O.quantize_operand(gt, r.grad, amax=g_amax, key=keys["grad_t"],
                                   where=f"{cfg.op} grad (transposed)")  # fmt: skip
     else:
+        # gq: g itself for a straight-through gradient, else its tensor-scaled codes
         if not _x_ready(cfg):  # g and x contracted along the tokens as they lie, if possible
-            dw3 = O.contract(g3 if r.grad is None else gq, x_saved, (1, 1))
+            dw3 = O.contract(gq, x_saved, (1, 1))
             if dw3 is not None:
                 return dw3
-        gq_t = gt if r.grad is None else O.transpose(gq)
+        gq_t = O.transpose(gq)
     x_op = x_saved if _x_ready(cfg) else O.transpose(x_saved)
     return O.matmul(*_align(gq_t, x_op))
 
