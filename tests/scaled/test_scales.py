@@ -1,0 +1,127 @@
+"""The power-of-two scale helpers against float64 references, under ``jit`` and eagerly.
+
+The helpers work on float32 bit patterns; each must match the mathematical definition
+computed in float64, bit for bit away from the rounding ties, and give the same bits
+whether XLA compiles them as one program (``jit``) or runs them op by op.
+"""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+import pytest
+
+from jaxq.scaled.scales import (
+    add_scale,
+    magnitude,
+    poison,
+    pow2_round,
+    pow2_split,
+)
+
+SQRT2_F32 = float(np.float32(np.sqrt(2.0)))  # the tie point pow2_round uses, in float32
+
+
+def _random_positive(rng, n, lo=-120, hi=120):
+    """Positive normal float32 over many binades, with powers of two and ties mixed in."""
+    e = rng.integers(lo, hi, n)
+    x = np.ldexp(rng.uniform(1.0, 2.0, n), e).astype(np.float32)
+    x[: n // 8] = np.ldexp(np.float32(1), e[: n // 8])  # exact powers of two
+    x[n // 8 : n // 4] = np.ldexp(np.float32(SQRT2_F32), e[n // 8 : n // 4])  # ties
+    return x
+
+
+def _ref_round(x64):
+    """2^round(log2 x) in float64 with float32's sqrt(2) as the tie (rounded up)."""
+    m, e = np.frexp(x64)  # x = m 2^e, m in [0.5, 1)
+    return np.ldexp(1.0, e - 1 + (2 * m >= SQRT2_F32).astype(int))
+
+
+SPECIALS = np.array([0.0, np.inf, -np.inf, np.nan, -1.0, 1e-45], np.float32)
+
+
+def test_pow2_round_traced_concrete_and_reference_agree():
+    x = _random_positive(np.random.default_rng(), 4096)
+    traced = np.asarray(jax.jit(pow2_round)(x))
+    concrete = pow2_round(x)
+    np.testing.assert_array_equal(traced.view(np.int32), np.asarray(concrete).view(np.int32))
+    np.testing.assert_array_equal(concrete, _ref_round(x.astype(np.float64)))
+    sp_t, sp_c = np.asarray(jax.jit(pow2_round)(SPECIALS)), np.asarray(pow2_round(SPECIALS))
+    assert np.isnan(sp_c[1:4]).all() and np.isnan(sp_t[1:4]).all()  # inf and NaN -> NaN
+    assert sp_c[0] == 0 and sp_t[0] == 0
+
+
+def test_add_scale_matches_float64_hypot():
+    rng = np.random.default_rng()
+    a = _random_positive(rng, 4096, -90, 90)
+    # many equal pairs
+    b = np.where(rng.random(4096) < 0.3, a, _random_positive(rng, 4096, -90, 90))
+    b[:64] = 0.0  # an operand that contributes no magnitude
+    b[64:128] = np.ldexp(a[64:128], rng.integers(-30, 30, 64)).astype(np.float32)
+    ref = _ref_round(np.hypot(a.astype(np.float64), b.astype(np.float64)))
+    traced = np.asarray(jax.jit(add_scale)(a, b))
+    concrete = np.asarray(add_scale(a, b))
+    # hypot exactly at a tie of the rounding (e.g. 1 and 1) must round up in both paths;
+    # float32 arithmetic may land on either side only within a few ulps of a tie
+    h = np.hypot(a.astype(np.float64), b.astype(np.float64))
+    m, _ = np.frexp(h)
+    near_tie = (np.abs(2 * m - SQRT2_F32) < 1e-6) & (b != 0) & (a != b)
+    np.testing.assert_array_equal(traced[:64], pow2_round(a[:64]))  # add_scale(s, 0) = r(s)
+    np.testing.assert_array_equal(traced[~near_tie], ref[~near_tie])
+    np.testing.assert_array_equal(concrete[~near_tie], ref[~near_tie])
+    assert near_tie[1024:].mean() < 0.01  # away from the ties the inputs were built on
+    one = np.float32(1)
+    assert float(jax.jit(add_scale)(one, one)) == 2.0  # sqrt(2): tie rounds up
+    assert float(jax.jit(add_scale)(np.float32(16), np.float32(2))) == 16.0
+    tie = np.ldexp(np.float32(SQRT2_F32), np.arange(-100, 100)).astype(np.float32)
+    np.testing.assert_array_equal(jax.jit(add_scale)(tie, 0 * tie), pow2_round(tie))
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_add_scale_non_finite_gives_nan(bad):
+    for fn in (jax.jit(add_scale), add_scale):
+        assert np.isnan(fn(np.float32(bad), np.float32(1.0)))
+        assert np.isnan(fn(np.float32(1.0), np.float32(bad)))
+    assert np.isnan(jax.jit(add_scale)(np.float32(0), np.float32(0)))
+
+
+def test_add_scale_near_the_top_of_the_range():
+    big = np.float32(2.0**126)
+    assert float(jax.jit(add_scale)(big, np.float32(1.0))) == 2.0**126
+    assert float(jax.jit(add_scale)(big, big)) == 2.0**127
+    assert float(jax.jit(add_scale)(np.float32(2.0**-126), np.float32(0))) == 2.0**-126
+
+
+@pytest.mark.parametrize("grow", [False, True])
+def test_pow2_split_traced_and_concrete_agree(grow):
+    rng = np.random.default_rng()
+    c = (_random_positive(rng, 2048) * rng.choice([-1, 1], 2048)).astype(np.float32)
+    c = np.concatenate([c, SPECIALS])
+    mt, st = (np.asarray(v) for v in jax.jit(lambda c: pow2_split(c, grow=grow))(c))
+    mc, sc = (np.asarray(v) for v in pow2_split(c, grow=grow))
+    ok = np.isfinite(c) & (np.abs(c) >= np.finfo(np.float32).tiny)
+    np.testing.assert_array_equal(st, sc)
+    # subnormals pass through unchanged (XLA on CPU may flush them to zero)
+    np.testing.assert_array_equal(mt[ok | np.isnan(c)], mc[ok | np.isnan(c)])
+    lo, hi = (1.0, 2.0) if grow else (0.5, 1.0)
+    assert ((np.abs(mc[ok]) >= lo) & (np.abs(mc[ok]) < hi)).all()
+    np.testing.assert_array_equal(mc[ok].astype(np.float64) * sc[ok], c[ok])  # exact
+    assert (sc[~ok] == 1).all()
+
+
+def test_magnitude_and_poison_traced_and_concrete_agree():
+    rng = np.random.default_rng()
+    for x in (
+        (rng.normal(size=(7, 5)) * 2.0 ** rng.integers(-60, 60)).astype(np.float32),
+        np.zeros(3, np.float32),
+        np.array([1.0, np.nan], np.float32),
+        np.full(4, -1.0 / 64, np.float32),
+    ):
+        assert float(jax.jit(magnitude)(x)) == float(magnitude(x))
+    assert float(magnitude(np.full(4, -1.0 / 64, np.float32))) == 1.0 / 64
+    s = np.concatenate([_random_positive(rng, 64), SPECIALS[:-1]])  # no subnormal: XLA
+    pt, pc = np.asarray(jax.jit(poison)(s)), np.asarray(poison(s))  # may flush it to 0
+    np.testing.assert_array_equal(np.isnan(pt), np.isnan(pc))
+    np.testing.assert_array_equal(pt[~np.isnan(pt)], pc[~np.isnan(pc)])
+    np.testing.assert_array_equal(pc[:64], s[:64])
+    assert np.isnan(pc[64:]).all()  # 0, +-inf, NaN, negative
