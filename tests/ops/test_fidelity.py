@@ -35,35 +35,38 @@ spread is what the budget has to absorb: seeds 0, 1, 2 end at 2.1671, 2.1638, 2.
 leaving the unigram/bigram plateau. The short budget is the full budget plus 0.2%.
 
 Full run (``make fidelity``): every recipe on d_model = 128 (4 heads, 2 layers, seq 64),
-600 steps of the same schedule on 1 MB of corpus, comparing the mean over seeds 0 and 1.
-Its float32 runs end at 1.9443 and 1.9512 (0.35% apart), far below the unigram entropy
-3.179, so the comparison is made after the model has learned, not on a plateau.
+600 steps of the same schedule on 1 MB of corpus, comparing the mean over seeds 0 to 3.
+Its float32 runs end at 1.9443, 1.9476, 1.9534 and 1.9455 (0.47% apart), far below the
+unigram entropy 3.179, so the comparison is made after the model has learned, not on a
+plateau. Four seeds, because two are not enough: the quantized runs' seed spread is
+about 1-2% here, and fp8_blockwise measured +1.39% over seeds 0 and 1 but -0.14% over
+seeds 2 and 3.
 
-Measured 2026-12-01, FULL (``make fidelity``; seeds 0 and 1; float32 1.9443 and 1.9476,
-mean 1.9460; two runs in parallel on 2 cores):
+Measured 2026-12-01, FULL (seeds 0 and 1, then 2 and 3 with the same code; float32 mean
+1.9477; two runs in parallel on 2 cores):
 
-| recipe | seed 0 | seed 1 | mean vs float32 | budget | verdict |
-|---|---:|---:|---:|---:|---|
-| fp8_current | 1.9620 | 1.9549 | +0.64% | 1% | met |
-| fp8_delayed | 1.9561 | 1.9651 | +0.75% | 1% | met |
-| fp8_blockwise (128) | 1.9741 | 1.9719 | +1.39% | 1% | MISSED |
-| mxfp8 | 1.9503 | 1.9702 | +0.73% | 1% | met |
-| nvfp4 | 2.0451 | 2.0095 | +4.18% | 5% | met |
-| int8 | 1.9499 | 1.9620 | +0.51% | 1% | met |
-| int4 (g128, learned steps) | 1.9593 | 1.9862 | +1.38% | 3% | met |
-| ternary | 2.0647 | 2.0614 | +6.02% | reported | |
-| mxfp4 | 1.9946 | 2.0511 | +3.95% | reported | |
-| fp8_static | 3.0810 | 3.0496 | +57.5% | reported | (not a unit-scaled model) |
+| recipe | seed 0 | seed 1 | seed 2 | seed 3 | mean | vs float32 | budget | verdict |
+|---|---:|---:|---:|---:|---:|---:|---:|---|
+| fp8_current | 1.9620 | 1.9549 | 1.9513 | 1.9488 | 1.9542 | +0.34% | 1% | met |
+| fp8_delayed | 1.9561 | 1.9651 | 1.9515 | 1.9529 | 1.9564 | +0.45% | 1% | met |
+| fp8_blockwise (128) | 1.9741 | 1.9719 | 1.9425 | 1.9510 | 1.9599 | +0.63% | 1% | met |
+| mxfp8 | 1.9503 | 1.9702 | 1.9341 | 1.9447 | 1.9498 | +0.11% | 1% | met |
+| nvfp4 | 2.0451 | 2.0095 | 2.0006 | 1.9866 | 2.0104 | +3.22% | 5% | met |
+| int8 | 1.9499 | 1.9620 | 1.9675 | 1.9290 | 1.9521 | +0.23% | 1% | met |
+| int4 (g128, learned steps) | 1.9593 | 1.9862 | 1.9770 | 1.9497 | 1.9681 | +1.05% | 3% | met |
+| ternary | 2.0647 | 2.0614 | 2.0633 | 2.0460 | 2.0589 | +5.71% | reported | |
+| mxfp4 | 1.9946 | 2.0511 | 2.0051 | 2.0038 | 2.0136 | +3.39% | reported | |
+| fp8_static | 3.0810 | 3.0496 | 2.8840 | 3.0514 | 3.0165 | +54.9% | reported | (not unit-scaled) |
 
-fp8_blockwise, taken apart on the same setup (mean of seeds 0 and 1 against 1.9460):
-with 32-blocks +0.84%; 1×128 activation tiles alone (per-tensor E4M3 weights, per-tensor
-E5M2 gradients) +0.67%; 128×128 weight blocks alone +0.77%; both with per-tensor E5M2
-gradients +1.39%; per-tensor E4M3 forward with 1×128 E4M3 gradient tiles +0.27%; E5M2
-gradient tiles +2.16%; float backward operands +7.19% (seed 1 alone +11.9%). A single
-product is more accurate with 128-blocks than per tensor (forward 3.3% against 3.8%
-relative L2, gradients 3.7% against 5.9%), so the training gap is not a per-product error;
-it is not explained yet. The quantized runs' own seed spread is about 1% here (1.9602 and
-1.9858 for one variant), so single differences of a few tenths of a percent are noise.
+fp8_blockwise over seeds 0 and 1 alone (+1.39%), taken apart on the same setup before
+seeds 2 and 3 were run (mean of seeds 0 and 1 against 1.9460): with 32-blocks +0.84%;
+1×128 activation tiles alone (per-tensor E4M3 weights, per-tensor E5M2 gradients) +0.67%;
+128×128 weight blocks alone +0.77%; both with per-tensor E5M2 gradients +1.39%; per-tensor
+E4M3 forward with 1×128 E4M3 gradient tiles +0.27%; E5M2 gradient tiles +2.16%; float
+backward operands +7.19% (seed 1 alone +11.9%). A single product is more accurate with
+128-blocks than per tensor (forward 3.3% against 3.8% relative L2, gradients 3.7% against
+5.9%). With seeds 2 and 3 the gap is within the seed spread, so these two-seed variant
+figures are not evidence of a defect in either piece.
 
 Measured 2026-11-30 (jaxq.ops and jaxq.recipes were being revised during the runs), SHORT
 setup, seed 0 (one run each; float32 2.1671; float32 seed spread 0.16%; wall time of one
@@ -155,7 +158,7 @@ SHORT = Setup(
 )  # fmt: skip
 FULL = Setup(
     GPTConfig(d_model=128, n_heads=4, n_layers=2, seq_len=64), steps=600, batch_size=16,
-    seeds=(0, 1),
+    seeds=(0, 1, 2, 3),
 )  # fmt: skip
 
 
