@@ -105,6 +105,7 @@ def _bwd(cfg: _Bilinear, res, g):
 
 
 _qbilinear.defvjp(_fwd, _bwd)
+_qbilinear_jit = jax.jit(_qbilinear, static_argnums=(4,))  # one program per eager call
 
 
 def _apply(fn, lhs, rhs, aux, recipe, state, rhs_row_axes, op, out_dtype):
@@ -116,7 +117,7 @@ def _apply(fn, lhs, rhs, aux, recipe, state, rhs_row_axes, op, out_dtype):
     _check_operands(op, lhs, rhs)
     check_state(recipe, state, op)
     cfg = _Bilinear(fn, recipe, rhs_row_axes, lhs.dtype, rhs.dtype, op)
-    return _qbilinear(lhs, rhs, state, aux, cfg).astype(out_dtype)
+    return _qbilinear_jit(lhs, rhs, state, aux, cfg).astype(out_dtype)
 
 
 def _conv(lhs, rhs, aux, *, kwargs):

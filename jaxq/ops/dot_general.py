@@ -332,6 +332,10 @@ def _qdot_fwd(lhs, rhs, state, cfg):
 
 
 _qdot.defvjp(_qdot_fwd, _backward)
+# Jitted so that an eager call compiles one program (forward, and one for its backward)
+# instead of dispatching every primitive of the quantizers on its own; under an outer
+# transformation the inner jit is inlined.
+_qdot_jit = jax.jit(_qdot, static_argnums=(3,))
 
 
 def lsq_operand(x3, q, step):
@@ -347,6 +351,7 @@ def lsq_operand(x3, q, step):
     return lsq_quant(x3, step, q.fmt)
 
 
+@functools.partial(jax.jit, static_argnums=(4, 5))
 @functools.partial(jax.checkpoint, static_argnums=(4, 5))
 def _lsq_product(lhs, rhs, lhs_step, rhs_step, canon: Canonical, recipe: Recipe):
     """The fake-quantized product of learned-step recipes. Rematerialized: the backward
@@ -466,7 +471,7 @@ def dot_general(
     else:
         check_state(recipe, state, op)
         cfg = _Config(recipe, canon, lhs.dtype, rhs.dtype, op)
-        out = _qdot(lhs, rhs, state, cfg)
+        out = _qdot_jit(lhs, rhs, state, cfg)
     out = out.astype(out_dtype)
     if out_sharding is not None:
         out = jax.lax.with_sharding_constraint(out, out_sharding)

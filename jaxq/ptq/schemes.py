@@ -14,7 +14,7 @@ calibrates on the given batches with the quantizer's ``calibration``).
 | ``W3(128)``, ``W2(128)`` | int3 / int2, groups of 128 | 3.25 / 2.25 | float |
 | ``NF4(64)`` | NF4, groups of 64 | 4.5 | float |
 | ``FP4(32)`` | E2M1, groups of 32, float32 scales | 5 | float |
-| ``MXFP4()`` | E2M1, 32, E8M0 scales | 4.25 | float |
+| ``MXFP4()`` | E2M1, 32, E8M0 scales (exponents searched) | 4.25 | float |
 | ``NVFP4()`` | E2M1, 16, E4M3 scales + tensor scale | 4.5 | float |
 | ``FP8Weights()`` | E4M3 per channel | 8 + 32/K | float |
 | ``W8A8("int8")`` | int8 per channel | 8 + 32/K | int8, static per tensor |
@@ -26,18 +26,22 @@ from __future__ import annotations
 
 from jaxq import formats as F
 from jaxq.ops.spec import Quantizer, Recipe
-from jaxq.quantization.calibration import Absmax, Calibration
+from jaxq.quantization.calibration import MSE, Absmax, Calibration
 
 __all__ = ["W8", "W4", "W3", "W2", "NF4", "FP4", "MXFP4", "NVFP4", "FP8Weights", "W8A8", "W4A8",
            "weights", "static_activations"]  # fmt: skip
 
 
-def weights(fmt, group: int | None = None) -> Quantizer:
-    """A weight quantizer: per output channel, or groups of ``group`` along ``K``."""
+def weights(fmt, group: int | None = None, calibration: Calibration = Absmax()) -> Quantizer:
+    """A weight quantizer: per output channel, or groups of ``group`` along ``K``, each
+    group's range chosen by ``calibration`` (absmax, or the MSE search over clipping
+    ratios; for MX formats over the E8M0 exponents)."""
     fmt = F.get(fmt)
     if isinstance(fmt, F.BlockFormat):
-        return Quantizer(fmt, "block")
-    return Quantizer(fmt, "block", group) if group else Quantizer(fmt, "row")
+        return Quantizer(fmt, "block", calibration=calibration)
+    if group:
+        return Quantizer(fmt, "block", group, calibration=calibration)
+    return Quantizer(fmt, "row", calibration=calibration)
 
 
 def static_activations(fmt, calibration: Calibration = Absmax()) -> Quantizer:
@@ -55,11 +59,14 @@ def W8(fmt="int8") -> Recipe:
     return Recipe("w8", None, weights(fmt))
 
 
-def W4(group: int | None = 128, fmt="int4") -> Recipe:
+def W4(group: int | None = 128, fmt="int4", *, calibration: Calibration = Absmax()) -> Recipe:
     """Weight-only int4 with groups of ``group`` along the contraction (``None``: per
-    channel)."""
+    channel). ``calibration=jaxq.MSE()`` clips each group where its squared error is
+    smallest instead of at its absmax (round-to-nearest with MSE clipping; GPTQ then
+    computes its group scales the same way)."""
     bits = F.get(fmt).bits
-    return Recipe(f"w{bits}g{group}" if group else f"w{bits}", None, weights(fmt, group))
+    return Recipe(f"w{bits}g{group}" if group else f"w{bits}", None,
+                  weights(fmt, group, calibration))  # fmt: skip
 
 
 def W3(group: int | None = 128) -> Recipe:
@@ -87,9 +94,19 @@ def FP4(group: int = 32) -> Recipe:
     return Recipe(f"fp4g{group}", None, weights("e2m1", group))
 
 
-def MXFP4() -> Recipe:
-    """Weight-only OCP MXFP4 (E2M1 elements, 32-element blocks, E8M0 scales)."""
-    return Recipe("mxfp4", None, weights(F.MXFP4))
+def MXFP4(*, calibration: Calibration = MSE()) -> Recipe:
+    """Weight-only OCP MXFP4 (E2M1 elements, 32-element blocks, E8M0 scales).
+
+    Weights are fixed, so by default each block's exponent is searched (``MSE()``): the
+    OCP exponent ``floor(log2 amax) − 2``, one above it (nothing saturates at 6), or lower
+    ones, whichever gives the block the smallest squared error. ``Absmax()`` is the plain
+    OCP rule.
+
+    Example:
+        >>> MXFP4().rhs.calibration, MXFP4(calibration=Absmax()).rhs.calibration
+        (MSE(num_ratios=64, min_ratio=0.01), Absmax())
+    """
+    return Recipe("mxfp4", None, weights(F.MXFP4, calibration=calibration))
 
 
 def NVFP4() -> Recipe:

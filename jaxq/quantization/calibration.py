@@ -56,6 +56,10 @@ class Percentile:
 class MSE:
     """Per-group search of the clipping ratio minimising the squared quantization error.
 
+    For MX formats, whose scales are powers of two, the search runs over each block's
+    E8M0 exponent instead: the OCP exponent, one above it and those below it down to the
+    exponent of ``min_ratio · amax`` (``num_ratios`` does not apply).
+
     Attributes:
         num_ratios: grid size; ratios are ``geomspace(min_ratio, 1, num_ratios)``.
         min_ratio: smallest clipping ratio tried.

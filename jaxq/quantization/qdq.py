@@ -34,6 +34,7 @@ import numpy as np
 from jaxq import formats as F
 from jaxq.quantization import packing
 from jaxq.quantization.calibration import (
+    MSE,
     Absmax,
     Calibration,
     group_amax,
@@ -165,17 +166,42 @@ def _mx_codes(xg, red, fmt: F.BlockFormat, calibration, amax, rounding, key):
     def exponent(a):
         return jnp.where(a > 0, jnp.clip(floor_log2(a) - elem.emax, -127, 127), 0)
 
-    def qdq_error(a):
-        e = exponent(a)
-        err = decode(encode(xg * pow2(-e), elem), elem) * pow2(e // 2) * pow2(e - e // 2) - xg
-        return jnp.sum(jnp.where(jnp.isfinite(err), err * err, 0.0), axis=red, keepdims=True)
-
-    if amax is None:
-        amax = group_amax(xg, red, calibration, qdq_error)
-    e = exponent(amax)
+    if amax is None and isinstance(calibration, MSE):
+        e = _mx_mse_exponent(xg, red, elem, calibration, exponent)
+    else:
+        e = exponent(group_amax(xg, red, calibration) if amax is None else amax)
     codes = encode(xg * pow2(-e), elem, rounding=rounding, key=key)
     bits = jnp.where(_poison(xg, red, elem), 255, e + 127).astype(jnp.uint8)
     return codes, jax.lax.bitcast_convert_type(bits, fmt.scale_format.dtype)
+
+
+def _mx_mse_exponent(xg, red, elem, calibration: MSE, exponent):
+    """Per block, the E8M0 exponent minimising the block's squared error.
+
+    MX scales are powers of two, so the search runs over exponents rather than clipping
+    ratios: the OCP exponent ``e₀ = floor(log2 amax) − emax`` first, then ``e₀ + 1`` (the
+    round-up rule, under which nothing saturates), then ``e₀ − 1, e₀ − 2, …`` down to the
+    exponent of ``min_ratio · amax``. A candidate replaces the best so far only when its
+    error is strictly smaller, so ties keep the OCP exponent (and an all-zero block keeps 0).
+    """
+    amax = group_amax(xg, red, Absmax())
+    e0 = exponent(amax)
+    below = int(np.ceil(-np.log2(calibration.min_ratio)))
+    offsets = jnp.asarray([1] + [-d for d in range(1, below + 1)], jnp.int32)
+
+    def sq_error(e):
+        err = decode(encode(xg * pow2(-e), elem), elem) * pow2(e // 2) * pow2(e - e // 2) - xg
+        return jnp.sum(jnp.where(jnp.isfinite(err), err * err, 0.0), axis=red, keepdims=True)
+
+    def body(carry, d):
+        best_err, best_e = carry
+        e = jnp.where(amax > 0, jnp.clip(e0 + d, -127, 127), 0)
+        err = sq_error(e)
+        better = err < best_err
+        return (jnp.where(better, err, best_err), jnp.where(better, e, best_e)), None
+
+    (_, e), _ = jax.lax.scan(body, (sq_error(e0), e0), offsets)
+    return e
 
 
 def _nvfp4_codes(xg, red, fmt: F.BlockFormat, calibration, amax, rounding, key, block_amax=None):

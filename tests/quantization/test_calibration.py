@@ -88,3 +88,61 @@ def test_bad_calibration_arguments():
         jaxq.AmaxHistory(length=0)
     with pytest.raises(ValueError, match=r"state has shape \(2,\), expected \(4,\)"):
         jaxq.AmaxHistory(4).update(jnp.zeros(2), jnp.ones(3))
+
+
+@pytest.mark.parametrize("fmt", ["mxfp4", "mxfp8"])
+def test_mx_mse_searches_exponents_against_float64(fmt):
+    """MX scales are powers of two: MSE picks, per block, the exponent with the smallest
+    squared error among the OCP exponent, one above (round-up) and those down to
+    min_ratio·amax, ties to the OCP one; checked against a float64 brute force with
+    ml_dtypes' rounding."""
+    import ml_dtypes
+
+    elem = {"mxfp4": ml_dtypes.float4_e2m1fn, "mxfp8": ml_dtypes.float8_e4m3fn}[fmt]
+    emax = {"mxfp4": 2, "mxfp8": 8}[fmt]
+    rng = np.random.default_rng(7)
+    x = rng.standard_t(3, (64, 8, 32)) * np.exp2(rng.integers(-30, 30, (64, 8, 1)))
+    x[0, 0] = 0.0  # an all-zero block keeps exponent 0
+    x[1, 0, :] = 2.0**-140  # a subnormal block, flushed to zero like the all-zero one
+    x[2, 0, 5] = 448.0 * 6  # one outlier
+    x[3, 0, :], x[3, 0, 0] = 0.25, 4.0  # clipping 4 to 3 puts the other 31 on the grid
+    x = x.astype(np.float32).reshape(64, 256)
+    cal = jaxq.MSE(min_ratio=0.05)
+    q = jaxq.quantize(jnp.asarray(x), fmt, calibration=cal)
+    got = np.asarray(q.scale).view(np.uint8).astype(np.int64).reshape(64, 8) - 127
+
+    xb = x.reshape(64, 8, 32).astype(np.float64)
+    xb[np.abs(xb) < np.finfo(np.float32).tiny] = 0.0  # XLA flushes subnormal inputs to zero
+    amax = np.abs(xb).max(-1)
+    with np.errstate(divide="ignore"):
+        e0 = np.where(amax > 0, np.clip(np.floor(np.log2(amax)) - emax, -127, 127), 0)
+    order = [0, 1] + [-d for d in range(1, int(np.ceil(-np.log2(0.05))) + 1)]
+    errs = []
+    for d in order:
+        e = np.where(amax > 0, np.clip(e0 + d, -127, 127), 0)
+        s = np.exp2(e)[..., None]
+        y = np.clip(xb / s, -float(ml_dtypes.finfo(elem).max), float(ml_dtypes.finfo(elem).max))
+        deq = y.astype(np.float32).astype(elem).astype(np.float64) * s
+        errs.append((((deq - xb) ** 2).sum(-1), e))
+    err = np.stack([a for a, _ in errs])
+    cand = np.stack([e for _, e in errs])
+    want = cand[np.argmin(err, axis=0), np.arange(64)[:, None], np.arange(8)]
+    # Where two candidates' float64 errors are within float32 summation noise of each other
+    # either exponent is a correct answer; everywhere else they agree exactly.
+    srt = np.sort(err, axis=0)
+    clear = (srt[1] - srt[0]) > 1e-5 * srt[1]
+    if fmt == "mxfp4":  # FP8 rounds alike one binade up or down: there ties are common
+        assert clear.mean() > 0.9
+        # the search is not the OCP rule in disguise: it goes both up and down
+        assert (got == e0 + 1).any() and (got < e0).any() and (got == e0).any()
+    np.testing.assert_array_equal(got[clear], want[clear])
+    picked = np.argmax(cand == got[None], axis=0)
+    assert np.all((cand == got[None]).any(axis=0))
+    err_got = np.take_along_axis(err, picked[None], axis=0)[0]
+    assert np.all(err_got <= srt[0] * (1 + 1e-5))
+    assert got[0, 0] == got[1, 0] == 0
+    # The search never does worse than either rule it contains.
+    deq = np.asarray(jaxq.dequantize(q)).astype(np.float64).reshape(64, 8, 32)
+    mse_err = ((deq - xb) ** 2).sum(-1)
+    assert np.all(mse_err <= err[0] * (1 + 1e-5) + 1e-300)
+    assert np.all(mse_err <= err[1] * (1 + 1e-5) + 1e-300)
