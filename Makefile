@@ -13,8 +13,10 @@ STAMP := $(VENV)/.jaxq-installed
 # gives it, each in a virtualenv of its own. The second pass leaves out the numeric sweeps
 # over recipes and the short end-to-end training runs (marker `sweep`), which the first pass
 # runs; the first leaves out the example scripts, the README quickstart and the wheel
-# install (marker `integration`), which the second runs on the JAX most users have. Without
-# a second interpreter the one pass runs everything.
+# install (marker `integration`), which the second runs on the JAX most users have. The
+# cases of a parametrized test are shared: the first runs on both passes, the further ones
+# alternate between them (markers `first_pass_case`, `second_pass_case`; tests/conftest.py).
+# Without a second interpreter the one pass runs everything.
 PYENV_ROOT ?= $(shell pyenv root 2>/dev/null || echo $$HOME/.pyenv)
 NEWEST_PYTHON ?= $(shell for v in 3.13 3.12; do \
 	p=$$(ls -d $(PYENV_ROOT)/versions/$$v*/bin/python 2>/dev/null | tail -n 1); \
@@ -40,10 +42,10 @@ lint: $(STAMP)
 test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/python -c 'import jax, sys; print("suite: Python", sys.version.split()[0], "jax", jax.__version__)'
-	$(BIN)/python -m pytest $(if $(SECOND),$(subst "not fidelity","not fidelity and not integration",$(PYTEST_SUITE)),$(PYTEST_SUITE))
+	$(BIN)/python -m pytest $(if $(SECOND),$(subst "not fidelity","not fidelity and not integration and not second_pass_case",$(PYTEST_SUITE)),$(PYTEST_SUITE))
 ifneq ($(SECOND),)
 	$(MAKE) --no-print-directory suite PYTHON=$(SECOND) VENV=.venv-python$(NEWEST_VER) \
-		PYTEST_SUITE='$(subst "not fidelity","not fidelity and not sweep",$(PYTEST_SUITE))'
+		PYTEST_SUITE='$(subst "not fidelity","not fidelity and not sweep and not first_pass_case",$(PYTEST_SUITE))'
 endif
 
 # the suite alone, in $(VENV) (used by `test` for the second interpreter)

@@ -42,21 +42,26 @@ from jaxq.models.train import evaluate, merge_model, split_model
 
 def rows():
     """``(name, scheme, algorithms)`` of the table."""
-    w4 = ptq.W4(128)
+    w4, mse = ptq.W4(128), jaxq.MSE()
+    w4_mse = ptq.W4(128, calibration=mse)
     return [
         ("W8 per-channel", ptq.W8(), ()),
         ("W4 g128 RTN", w4, ()),
+        ("W4 g128 RTN, MSE clipping", w4_mse, ()),
         ("W4 g128 AWQ", w4, ("awq",)),
         ("W4 g128 GPTQ", w4, ("gptq",)),
+        ("W4 g128 GPTQ, MSE scales", w4_mse, ("gptq",)),
         ("W4 g128 rotation + GPTQ", w4, ("rotate", "gptq")),
+        ("W4 g128 rotation + GPTQ, MSE scales", w4_mse, ("rotate", "gptq")),
         ("NF4 g64", ptq.NF4(64), ()),
-        ("MXFP4", ptq.MXFP4(), ()),
-        ("NVFP4", ptq.NVFP4(), ()),
+        ("MXFP4 (OCP exponents)", ptq.MXFP4(calibration=jaxq.Absmax()), ()),
+        ("MXFP4 (exponents searched)", ptq.MXFP4(), ()),
+        ("NVFP4 (MSE block scales)", ptq.NVFP4(), ()),
         ("W8A8 int8 + SmoothQuant", ptq.W8A8("int8"), ("smoothquant",)),
         ("W8A8 FP8 (E4M3)", ptq.W8A8("e4m3"), ()),
         ("W4A8 (int4 x FP8)", ptq.W4A8(), ()),
-        ("W3 g128 GPTQ", ptq.W3(128), ("gptq",)),
-        ("W2 g128 GPTQ", ptq.W2(128), ("gptq",)),
+        ("W3 g128 GPTQ, MSE scales", ptq.W3(128, calibration=mse), ("gptq",)),
+        ("W2 g128 GPTQ, MSE scales", ptq.W2(128, calibration=mse), ("gptq",)),
     ]
 
 
@@ -81,6 +86,17 @@ def layer_bytes(model) -> tuple[int, int]:
         v = vars(layer)["kernel"]
         layers += ptq.weight_bytes(v.get_value())
     return layers, total
+
+
+def _rest_in_bf16(state):
+    """The serving state with every float array outside the quantized weights (embeddings,
+    norms, biases) stored in bf16, as in the bf16 row."""
+    def cast(a):
+        if isinstance(a, ptq.QuantizedWeight) or a.dtype != jnp.float32:
+            return a
+        return a.astype(jnp.bfloat16)
+
+    return jax.tree.map(cast, state, is_leaf=lambda a: isinstance(a, ptq.QuantizedWeight))
 
 
 def checkpoint_size(state) -> tuple[int, bool]:
@@ -162,6 +178,8 @@ def main(argv=None) -> None:
     for label, state in [("float32", float_state), ("bf16", bf16_state),
                          ("int8 (W8)", served_states["W8 per-channel"]),
                          ("int4 g128", served_states["W4 g128 RTN"]),
+                         ("int4 g128, other weights bf16",
+                          _rest_in_bf16(served_states["W4 g128 RTN"])),
                          ("NF4 g64", served_states["NF4 g64"]),
                          ("FP8 W8A8", served_states["W8A8 FP8 (E4M3)"])]:  # fmt: skip
         size, exact = checkpoint_size(state)

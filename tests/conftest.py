@@ -50,11 +50,26 @@ FIRST_PASS_SKIPS = (
 )
 
 
+# The cases of a parametrized test are shared between the two passes: the first case runs
+# on both JAX versions, the further ones alternate (odd ones on the first pass, marked
+# `first_pass_case`; even ones on the second, `second_pass_case`). Every test function runs
+# on both versions and every case on at least one, in about the time of one full pass.
+# Cases that one pass leaves out anyway (`sweep`, `integration`) are not split.
+
+
 def pytest_collection_modifyitems(config, items):
     import pytest
 
+    seen: dict[str, int] = {}
     for item in items:
         if item.nodeid.startswith(SECOND_PASS_SKIPS):
             item.add_marker(pytest.mark.sweep)
         if item.nodeid.startswith(FIRST_PASS_SKIPS):
             item.add_marker(pytest.mark.integration)
+        if getattr(item, "callspec", None) is None or item.get_closest_marker("sweep") \
+                or item.get_closest_marker("integration"):  # fmt: skip
+            continue
+        function = item.nodeid.split("[", 1)[0]
+        i = seen[function] = seen.get(function, -1) + 1
+        if i:
+            item.add_marker(pytest.mark.first_pass_case if i % 2 else pytest.mark.second_pass_case)

@@ -15,7 +15,7 @@ calibrates on the given batches with the quantizer's ``calibration``).
 | ``NF4(64)`` | NF4, groups of 64 | 4.5 | float |
 | ``FP4(32)`` | E2M1, groups of 32, float32 scales | 5 | float |
 | ``MXFP4()`` | E2M1, 32, E8M0 scales (exponents searched) | 4.25 | float |
-| ``NVFP4()`` | E2M1, 16, E4M3 scales + tensor scale | 4.5 | float |
+| ``NVFP4()`` | E2M1, 16, E4M3 scales (MSE) + tensor scale | 4.5 | float |
 | ``FP8Weights()`` | E4M3 per channel | 8 + 32/K | float |
 | ``W8A8("int8")`` | int8 per channel | 8 + 32/K | int8, static per tensor |
 | ``W8A8("e4m3")`` | E4M3 per channel | 8 + 32/K | E4M3, static per tensor |
@@ -69,19 +69,19 @@ def W4(group: int | None = 128, fmt="int4", *, calibration: Calibration = Absmax
                   weights(fmt, group, calibration))  # fmt: skip
 
 
-def W3(group: int | None = 128) -> Recipe:
+def W3(group: int | None = 128, *, calibration: Calibration = Absmax()) -> Recipe:
     """Weight-only int3 (levels -3..3, eight codes per three bytes), groups of ``group``."""
-    return W4(group, "int3")
+    return W4(group, "int3", calibration=calibration)
 
 
-def W2(group: int | None = 128) -> Recipe:
+def W2(group: int | None = 128, *, calibration: Calibration = Absmax()) -> Recipe:
     """Weight-only int2 (levels -1..1), groups of ``group``.
 
     Example:
         >>> W2().name, W3().rhs.fmt.qmax
         ('w2g128', 3)
     """
-    return W4(group, "int2")
+    return W4(group, "int2", calibration=calibration)
 
 
 def NF4(group: int = 64) -> Recipe:
@@ -109,9 +109,13 @@ def MXFP4(*, calibration: Calibration = MSE()) -> Recipe:
     return Recipe("mxfp4", None, weights(F.MXFP4, calibration=calibration))
 
 
-def NVFP4() -> Recipe:
-    """Weight-only NVFP4 (E2M1, 16-element blocks, E4M3 scales and a tensor scale)."""
-    return Recipe("nvfp4", None, weights(F.NVFP4))
+def NVFP4(*, calibration: Calibration = MSE()) -> Recipe:
+    """Weight-only NVFP4 (E2M1, 16-element blocks, E4M3 scales and a tensor scale).
+
+    By default each block's E4M3 scale comes from the MSE search over clipping ratios of
+    the block's amax (the tensor scale stays the absmax one); ``Absmax()`` scales each block
+    by its amax."""
+    return Recipe("nvfp4", None, weights(F.NVFP4, calibration=calibration))
 
 
 def FP8Weights() -> Recipe:
