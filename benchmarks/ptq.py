@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import math
 import shutil
@@ -53,11 +54,15 @@ def rows():
         ("W4 g128 GPTQ, MSE scales", w4_mse, ("gptq",)),
         ("W4 g128 rotation + GPTQ", w4, ("rotate", "gptq")),
         ("W4 g128 rotation + GPTQ, MSE scales", w4_mse, ("rotate", "gptq")),
+        ("W4 g128 AWQ scales folded + GPTQ, MSE scales", w4_mse,
+         ("awq_scales", "fold", "gptq")),
         ("NF4 g64", ptq.NF4(64), ()),
         ("MXFP4 (OCP exponents)", ptq.MXFP4(calibration=jaxq.Absmax()), ()),
         ("MXFP4 (exponents searched)", ptq.MXFP4(), ()),
         ("NVFP4 (MSE block scales)", ptq.NVFP4(), ()),
         ("W8A8 int8 + SmoothQuant", ptq.W8A8("int8"), ("smoothquant",)),
+        ("W8A8 int8 + SmoothQuant folded into the norms", ptq.W8A8("int8"),
+         ("smoothquant", "fold")),
         ("W8A8 FP8 (E4M3)", ptq.W8A8("e4m3"), ()),
         ("W4A8 (int4 x FP8)", ptq.W4A8(), ()),
         ("W3 g128 GPTQ, MSE scales", ptq.W3(128, calibration=mse), ("gptq",)),
@@ -69,13 +74,25 @@ def rules_for(scheme):
     return [jaxq.Rule(".*readout.*|.*head.*", recipe=None), jaxq.Rule(".*", recipe=scheme)]
 
 
+def fold_map(model) -> dict:
+    """Each block's LayerNorms and the projection that reads them."""
+    n = len(model.blocks)
+    return {**{f"blocks/{i}/ln1": (f"blocks/{i}/attn/qkv",) for i in range(n)},
+            **{f"blocks/{i}/ln2": (f"blocks/{i}/mlp/up",) for i in range(n)}}  # fmt: skip
+
+
 def plan_for(model, rules, algorithms, batches):
+    """The model (a new one after a fold) and the plan of ``algorithms`` run in order."""
     plan = None
     for name in algorithms:
+        if name == "fold":
+            model, _, plan = ptq.fold(model, None, rules, batches, plan=plan,
+                                      into=fold_map(model))  # fmt: skip
+            continue
         fn = {"rotate": ptq.rotate, "smoothquant": ptq.smoothquant, "awq": ptq.awq,
-              "gptq": ptq.gptq}[name]  # fmt: skip
+              "awq_scales": functools.partial(ptq.awq, clip=False), "gptq": ptq.gptq}[name]
         plan = fn(model, None, rules, batches, plan=plan)
-    return plan
+    return model, plan
 
 
 def layer_bytes(model) -> tuple[int, int]:
@@ -157,8 +174,8 @@ def main(argv=None) -> None:
     for name, scheme, algorithms in rows():
         t0 = time.time()
         rules = rules_for(scheme)
-        plan = plan_for(model, rules, algorithms, batches)
-        served = ptq.convert(model, None, rules, calibration=batches, plan=plan)
+        source, plan = plan_for(model, rules, algorithms, batches)
+        served = ptq.convert(source, None, rules, calibration=batches, plan=plan)
         seconds = time.time() - t0
         lb, tb = layer_bytes(served.model)
         results.append({"row": name, "val_loss": score(served.model), "layer_bytes": lb,

@@ -19,7 +19,8 @@ returns a new plan; :func:`jaxq.ptq.convert` applies it. They compose in order::
 * :func:`gptq`: GPTQ on each layer's proxy Hessian ``H = 2/T Σ x xᵀ`` of its float inputs.
 
 Smoothing divisors are applied to the activations at serving time (one multiply per
-element of the layer's input); they are not folded into the previous operation.
+element of the layer's input), unless :func:`jaxq.ptq.fold` folds them into the norm that
+produces that input (the layers after one norm then share a divisor: ``groups=``).
 """
 
 from __future__ import annotations
@@ -90,22 +91,61 @@ def _compose_scale(lp, stack, scales):
     return s if lp.in_scale is None else lp.in_scale * s
 
 
+def _groups(groups, layers, name) -> dict[str, tuple[str, ...]]:
+    """``{path: its group}`` for layers that share their input (and so their divisors)."""
+    out = {}
+    for g in groups:
+        g = tuple(g)
+        for p in g:
+            if p not in layers:
+                raise ValueError(f"jaxq.ptq.{name}: group {g} names {p!r}, which no rule "
+                                 "converts (or the batches never reach)")  # fmt: skip
+            if p in out:
+                raise ValueError(f"jaxq.ptq.{name}: layer {p!r} is in two groups")
+            runs = [layers[q] for q in g]
+            if any(len(r.calls) != len(runs[0].calls) or r.calls[0].w3.shape[-1]
+                   != runs[0].calls[0].w3.shape[-1] for r in runs):  # fmt: skip
+                raise ValueError(f"jaxq.ptq.{name}: the layers of group {g} do not share "
+                                 "their input (different call counts or input sizes)")  # fmt: skip
+            out[p] = g
+    return out
+
+
+def _group_weight(layers, group, i):
+    """The ``(N, K)`` weights of the ``i``-th call of every layer in ``group``, stacked
+    along ``N``: a shared divisor sees them as one layer."""
+    return jnp.concatenate([layers[p].calls[i].w3.reshape(-1, layers[p].calls[i].w3.shape[-1])
+                            for p in group], axis=0)  # fmt: skip
+
+
 def smoothquant(model, params, rules, calibration, *, alpha: float = 0.5,
-                plan: Plan | None = None) -> Plan:  # fmt: skip
+                plan: Plan | None = None, groups=()) -> Plan:  # fmt: skip
     """SmoothQuant: per-channel smoothing of each selected layer (module docstring).
+
+    ``groups``: sequences of layer paths that read the same input (the q/k/v projections
+    after one norm); each group gets one divisor, from the maxima over all its weights, so
+    that :func:`jaxq.ptq.fold` can fold it into the norm.
 
     Returns:
         The new :class:`Plan` (divisors compose with earlier ones).
     """
     plan = Plan() if plan is None else plan
     new = Plan(plan)
-    for path, run in _layers(model, params, rules, calibration, plan, ("absmax_k",)).items():
+    layers = _layers(model, params, rules, calibration, plan, ("absmax_k",))
+    group_of = _groups(groups, layers, "smoothquant")
+    for path, run in layers.items():
         lp, calls, stack, stats = plan.layer(path), run.calls, run.stack, run.stats
         _no_weight_yet(lp, path, "smoothquant")
         scales = []
-        for call, st in zip(calls, stats, strict=True):
-            a = jnp.max(st["absmax_k"], axis=0)
-            w = jnp.max(jnp.abs(call.w3), axis=0)
+        for i, (call, st) in enumerate(zip(calls, stats, strict=True)):
+            if path in group_of:
+                g = group_of[path]
+                a = jnp.max(jnp.stack([jnp.max(layers[p].stats[i]["absmax_k"], axis=0)
+                                       for p in g]), axis=0)  # fmt: skip
+                w = _group_weight(layers, g, i)
+            else:
+                a = jnp.max(st["absmax_k"], axis=0)
+                w = jnp.max(jnp.abs(call.w3), axis=0)
             scales.append(smoothing.smoothquant_scales(a, w, alpha))
         new = new.with_layer(path, in_scale=_compose_scale(lp, stack, scales),
                              algorithm=lp.algorithm + ("smoothquant",))  # fmt: skip
@@ -113,16 +153,22 @@ def smoothquant(model, params, rules, calibration, *, alpha: float = 0.5,
 
 
 def awq(model, params, rules, calibration, *, grid: int = 20, clip: bool = True,
-        plan: Plan | None = None, max_samples: int = 512) -> Plan:  # fmt: skip
+        plan: Plan | None = None, max_samples: int = 512, groups=()) -> Plan:  # fmt: skip
     """AWQ: activation-aware scales searched per layer, then optionally the clipping search.
 
     The search runs on up to ``max_samples`` token rows per layer from the batches. With
-    ``clip``, the plan also holds each layer's quantized clipped weight.
+    ``clip``, the plan also holds each layer's quantized clipped weight. ``groups`` as for
+    :func:`smoothquant`: a group's scale is searched on all its weights at once (the first
+    layer's recipe quantizes them), so :func:`jaxq.ptq.fold` can fold it into the norm.
+    With ``clip`` the weights are quantized already, so fold needs ``clip=False`` (and
+    quantizes them at conversion, or by GPTQ after the fold).
     """
     plan = Plan() if plan is None else plan
     new = Plan(plan)
     layers, _ = calibrate(model, params, rules, calibration, plan=plan, stats=("sample",),
                           max_samples=max_samples)  # fmt: skip
+    group_of = _groups(groups, layers, "awq")
+    shared: dict = {}
     for path, run in layers.items():
         lp, recipe, calls, stack, stats = (plan.layer(path), run.recipe, run.calls, run.stack,
                                            run.stats)  # fmt: skip
@@ -130,9 +176,17 @@ def awq(model, params, rules, calibration, *, grid: int = 20, clip: bool = True,
         if recipe.rhs is None:
             continue
         scales, weights = [], []
-        for call, st in zip(calls, stats, strict=True):
+        for i, (call, st) in enumerate(zip(calls, stats, strict=True)):
             x, w = st["sample"][0], call.w3[0]
-            s, _ = smoothing.awq_scales(x, w, recipe.rhs, grid=grid)
+            g = group_of.get(path)
+            if g is None:
+                s, _ = smoothing.awq_scales(x, w, recipe.rhs, grid=grid)
+            else:
+                if (g, i) not in shared:
+                    wg = _group_weight(layers, g, i)
+                    shared[g, i] = smoothing.awq_scales(x, wg, layers[g[0]].recipe.rhs,
+                                                        grid=grid)[0]  # fmt: skip
+                s = shared[g, i]
             scales.append(s)
             if clip:
                 wc, _ = smoothing.awq_clip(x / s, w * s, recipe.rhs, grid=grid)
