@@ -1,4 +1,4 @@
-"""Scaled FP8 GEMM: per-row × per-column scales, or 1×128 × 128×128 block scales.
+"""Scaled FP8 GEMM: per-row × per-column scales, 1×128 × 128×128 block scales, or MXFP8.
 
 For FP8 operands ``a`` ``(M, K)`` and ``b`` ``(N, K)`` (:class:`jaxq.QArray`\\ s of E4M3 or
 E5M2 codes, contraction last) the product is
@@ -15,7 +15,11 @@ E5M2 codes, contraction last) the product is
   this layout with the scale repeated over its 128 rows, as :mod:`jaxq.ops` stores it
   (:func:`expand_block_scales` turns a ``(N/128, K/128)`` scale into it). Each 128-wide
   partial product leaves the tensor cores in float32 and is scaled and added to a float32
-  accumulator ("promotion"), so no FP8 partial sum spans more than 128 terms.
+  accumulator ("promotion"), so no FP8 partial sum spans more than 128 terms;
+* mx: MXFP8 on both sides (E4M3 codes, one E8M0 scale per 32 along ``K``): as blockwise
+  with 32-wide steps, the FP8 tensor cores' smallest ``K``. This is how a Hopper GPU,
+  which has no block-scaled MMA, multiplies MX operands; the scales ``2^e`` enter as
+  float32 (``2^-127`` is subnormal there, and a GPU may flush it to zero).
 
 The output is ``out_dtype`` (float32 or bfloat16); ``with_amax=True`` also returns
 ``max |y|`` over the finite float32 outputs, computed in the same kernel (for delayed
@@ -58,6 +62,7 @@ __all__ = ["scaled_fp8_matmul", "reference", "expand_block_scales", "Config", "w
            "kernel_for"]
 
 _FP8 = (F.E4M3, F.E5M2)
+_STEP = {"blockwise": 128, "mx": 32}
 _OUT = (np.dtype(jnp.float32), np.dtype(jnp.bfloat16))
 
 
@@ -98,19 +103,31 @@ def reference(a: QArray, b: QArray, *, out_dtype=jnp.float32, with_amax: bool = 
 
 
 def _mode(a: QArray, b: QArray) -> str | None:
-    """``"rowwise"``, ``"blockwise"`` or ``None`` (no kernel for these layouts)."""
+    """``"rowwise"``, ``"blockwise"``, ``"mx"`` or ``None`` (no kernel for these layouts)."""
 
     def rowwise(q):
-        return q.layout.kind == "tensor" or (q.layout.kind == "channel" and q.layout.axes == (0,))
+        return q.fmt in _FP8 and (q.layout.kind == "tensor" or (
+            q.layout.kind == "channel" and q.layout.axes == (0,)))  # fmt: skip
 
-    def blocked(q):
-        return q.layout.kind == "block" and q.layout.axes == (1,) and q.layout.block_size == 128
+    def blocked(q, size):
+        return q.layout.kind == "block" and q.layout.axes == (1,) and q.layout.block_size == size
 
     if rowwise(a) and rowwise(b):
         return "rowwise"
-    if blocked(a) and blocked(b):
+    if a.fmt in _FP8 and b.fmt in _FP8 and blocked(a, 128) and blocked(b, 128):
         return "blockwise"
+    if a.fmt == F.MXFP8 and b.fmt == F.MXFP8 and blocked(a, 32) and blocked(b, 32):
+        return "mx"
     return None
+
+
+def _float_scale(q: QArray) -> jax.Array:
+    """A QArray's scale as float32 (an E8M0 scale as the power of two it encodes; NaN for
+    the NaN code)."""
+    if q.fmt == F.MXFP8:
+        bits = jax.lax.bitcast_convert_type(q.scale, jnp.uint8).astype(jnp.int32)
+        return jnp.where(bits == 255, jnp.nan, jnp.ldexp(jnp.float32(1), bits - 127))
+    return q.scale.astype(jnp.float32)
 
 
 def _check_args(a, b, out_dtype) -> None:
@@ -118,9 +135,9 @@ def _check_args(a, b, out_dtype) -> None:
         if not isinstance(q, QArray):
             raise TypeError(f"scaled_fp8_matmul: {name} must be a jaxq.QArray, got "
                             f"{type(q).__name__}")  # fmt: skip
-        if q.fmt not in _FP8 or q.ndim != 2:
-            raise ValueError(f"scaled_fp8_matmul: {name} must be a 2-D E4M3/E5M2 QArray, got "
-                             f"{q.fmt.name} of shape {q.shape}")  # fmt: skip
+        if (q.fmt not in _FP8 and q.fmt != F.MXFP8) or q.ndim != 2:
+            raise ValueError(f"scaled_fp8_matmul: {name} must be a 2-D E4M3/E5M2 or MXFP8 "
+                             f"QArray, got {q.fmt.name} of shape {q.shape}")  # fmt: skip
     if a.shape[1] != b.shape[1]:
         raise ValueError(f"scaled_fp8_matmul: a has shape {a.shape} and b {b.shape}; expected "
                          "the same contraction size K (last axis of both)")  # fmt: skip
@@ -139,10 +156,12 @@ def why_not(impl: R.Implementation, a: QArray, b: QArray, *, interpret=False) ->
     if reason:
         return reason
     if _mode(a, b) is None:
-        return (f"layouts {a.layout} x {b.layout}: need tensor/per-row scales on both, or "
-                "1x128 blocks along K on both")  # fmt: skip
+        return (f"layouts {a.layout} x {b.layout}: need tensor/per-row scales on both, "
+                "1x128 blocks along K on both, or MXFP8 on both")  # fmt: skip
     if _step(a.shape[1]) is None:
         return f"K = {a.shape[1]} is not a multiple of 32"
+    if _mode(a, b) == "mx" and not interpret and (R.gpu_compute_capability() or 0) >= 10:
+        return "MXFP8 on compute capability >= 10: jax.nn.scaled_matmul (cuDNN) takes it"
     return None
 
 
@@ -155,7 +174,7 @@ def _kernel(a_ref, b_ref, sa_ref, sb_ref, *out_refs, blockwise, step, m, n):
         a = a_ref[:, pl.ds(i * step, step)]
         b = b_ref[:, pl.ds(i * step, step)]
         part = jax.lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
-        if blockwise:  # promote each 128-wide partial sum to the float32 accumulator
+        if blockwise:  # promote each step-wide partial sum to the float32 accumulator
             part = part * sa_ref[:, pl.ds(i, 1)] * sb_ref[pl.ds(i, 1), :]
         return acc + part
 
@@ -175,13 +194,14 @@ def _triton(a: QArray, b: QArray, out_dtype, with_amax, cfg: Config, interpret: 
     from jax.experimental.pallas import triton as plt
 
     (m, k), n = a.shape, b.shape[0]
-    blockwise = _mode(a, b) == "blockwise"
-    step = 128 if blockwise else _step(k)
+    mode = _mode(a, b)
+    blockwise = mode in _STEP
+    step = _STEP[mode] if blockwise else _step(k)
     bm = cfg.block_m or (16 if m <= 16 else 64)
     bn = cfg.block_n or (64 if m <= 16 else 128)
     gm, gn = pl.cdiv(m, bm), pl.cdiv(n, bn)
     if blockwise:
-        sa, sb = a.scale, b.scale.T  # (M, K/128), (K/128, N)
+        sa, sb = _float_scale(a), _float_scale(b).T  # (M, K/step), (K/step, N)
     else:
         sa = jnp.broadcast_to(a.scale.reshape(-1, 1), (m, 1))
         sb = jnp.broadcast_to(b.scale.reshape(1, -1), (1, n))
@@ -202,16 +222,18 @@ def _triton(a: QArray, b: QArray, out_dtype, with_amax, cfg: Config, interpret: 
         out_specs=out_specs,
         compiler_params=plt.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
         interpret=interpret,
-        name="jaxq_fp8_blockwise" if blockwise else "jaxq_fp8_rowwise",
+        name=f"jaxq_fp8_{mode}",
     )(a.codes, b.codes, sa.astype(jnp.float32), sb.astype(jnp.float32))
     if with_amax:
         return outs[0], jnp.max(outs[1])
     return outs[0]
 
 
-def kernel_for(a, b, *, interpret: bool = False, modes=("rowwise", "blockwise")) -> str | None:
+def kernel_for(a, b, *, interpret: bool = False,
+               modes=("rowwise", "blockwise", "mx")) -> str | None:  # fmt: skip
     """The Pallas implementation ``scaled_fp8_matmul(a, b, interpret=interpret)`` would
-    run here for scale layouts in ``modes`` (``"rowwise"``, ``"blockwise"``), or ``None``.
+    run here for scale layouts in ``modes`` (``"rowwise"``, ``"blockwise"``, ``"mx"``), or
+    ``None``.
     Never raises for unsupported arguments."""
     def check():
         _check_args(a, b, jnp.float32)
@@ -235,7 +257,8 @@ def scaled_fp8_matmul(
     """``deq(a) · deq(b)ᵀ`` of two FP8 QArrays (module docstring).
 
     Args:
-        a: ``(M, K)`` E4M3/E5M2 QArray, per-tensor/per-row scales or 1×128 blocks along K.
+        a: ``(M, K)`` E4M3/E5M2 QArray, per-tensor/per-row scales or 1×128 blocks along K,
+            or an MXFP8 QArray.
         b: ``(N, K)`` E4M3/E5M2 QArray with the matching kind of scales.
         out_dtype: float32 or bfloat16.
         with_amax: also return the finite ``max |y|`` (float32 scalar).
@@ -265,7 +288,8 @@ R.register(R.Kernel(
     reference=reference,
     implementations=(
         R.Implementation("triton", ("gpu",), "NVIDIA GPU, compute capability >= 8.9 (FP8 "
-                         "tensor cores); K a multiple of 32 (rowwise) or 128 (blockwise)"),
+                         "tensor cores); K a multiple of 32 (rowwise, MXFP8) or 128 "
+                         "(blockwise)"),
         R.XLA,
     ),
     tolerance="1e-5 · Σ|a·b| (float32 out), 2^-8 · Σ|a·b| (bfloat16 out)",

@@ -48,6 +48,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxq.kernels import registry as kernel_registry
 from jaxq.ops import operand as O
 from jaxq.ops.dims import Canonical, canonicalize
 from jaxq.ops.hadamard import hadamard
@@ -332,10 +333,16 @@ def _qdot_fwd(lhs, rhs, state, cfg):
 
 
 _qdot.defvjp(_qdot_fwd, _backward)
-# Jitted so that an eager call compiles one program (forward, and one for its backward)
-# instead of dispatching every primitive of the quantizers on its own; under an outer
-# transformation the inner jit is inlined.
-_qdot_jit = jax.jit(_qdot, static_argnums=(3,))
+
+
+@functools.partial(jax.jit, static_argnums=(3, 4))
+def _qdot_jit(lhs, rhs, state, cfg, kernels):
+    """``_qdot`` as one program: an eager call compiles the forward (and its backward) once
+    instead of dispatching every primitive of the quantizers on its own; under an outer
+    transformation the inner jit is inlined. ``kernels`` (the ``JAXQ_KERNELS`` setting,
+    which the products' kernel dispatch reads while tracing) keys the cache."""
+    del kernels
+    return _qdot(lhs, rhs, state, cfg)
 
 
 def lsq_operand(x3, q, step):
@@ -471,7 +478,7 @@ def dot_general(
     else:
         check_state(recipe, state, op)
         cfg = _Config(recipe, canon, lhs.dtype, rhs.dtype, op)
-        out = _qdot_jit(lhs, rhs, state, cfg)
+        out = _qdot_jit(lhs, rhs, state, cfg, kernel_registry.forced())
     out = out.astype(out_dtype)
     if out_sharding is not None:
         out = jax.lax.with_sharding_constraint(out, out_sharding)

@@ -14,6 +14,9 @@ E4M3 (tensor or row scales) × INT4 (W4A8)      :func:`jaxq.kernels.w4a8_matmul`
 FP8 × FP8 with ``1 × 128`` blocks along K on   :func:`jaxq.kernels.scaled_fp8_matmul`
 both (DeepSeek-V3: 128 × 128 weight blocks     (float32 promotion of each 128-wide
 are stored as per-row K-blocks)                partial sum)
+MXFP8 × MXFP8 blocked along K (the forward     :func:`jaxq.kernels.scaled_fp8_matmul`
+and input-gradient products; Hopper:           (32-wide partial sums scaled by ``2^e``)
+Blackwell takes ``jax.nn.scaled_matmul``)
 =============================================  ==========================================
 
 A kernel runs only where there is a single device (a Pallas call is not partitioned across
@@ -21,7 +24,8 @@ devices; interpret mode excepted) and, for the FP8 and W4A8 kernels, for a batch
 1 (a plain ``Dense``/``Linear`` product). Each kernel's availability check decides the
 rest (platform, GPU generation, shapes); on CPU nothing changes. The results agree with
 the XLA path within each kernel's stated tolerance (:func:`jaxq.kernels.registry.table`).
-Backward products, MX/NVFP4 products and the quantizers stay on XLA for now.
+The other backward products, MXFP4/NVFP4 products and the quantizers stay on XLA for
+now.
 
 The environment variable ``JAXQ_KERNELS`` steers it: ``xla`` keeps every product on XLA;
 ``interpret`` runs the kernels in Pallas interpret mode on any platform, which tests the
@@ -82,7 +86,7 @@ def kernel_product(a, b) -> jax.Array | None:
     if a2 is None or b2 is None:
         return None
     # per-tensor and per-row FP8 stay with XLA, whose FP8 GEMM takes those scales
-    impl = fp8_gemm.kernel_for(a2, b2, interpret=interpret, modes=("blockwise",))
+    impl = fp8_gemm.kernel_for(a2, b2, interpret=interpret, modes=("blockwise", "mx"))
     if impl is not None:
         return fp8_gemm.scaled_fp8_matmul(a2, b2, implementation=impl, interpret=interpret)[None]
     impl = w4a8.kernel_for(a2, b2, interpret=interpret)

@@ -7,7 +7,8 @@ operand itself where its :class:`~jaxq.ops.Quantizer` is ``None``.
 
 :func:`matmul` is the one dispatch point of the quantized products. It first asks
 :func:`jaxq.ops.kernel_dispatch.kernel_product` whether a :mod:`jaxq.kernels` kernel takes
-the product here (weight-only, W4A8 and blockwise FP8 on a GPU; never on CPU); otherwise:
+the product here (weight-only, W4A8, blockwise FP8 and, on Hopper, MXFP8 on a GPU; never
+on CPU); otherwise:
 
 * FP8 × FP8 with scales constant along ``K`` (tensor or row): ``lax.dot_general`` on the
   float8 codes with ``preferred_element_type=float32``, scales applied to the output

@@ -55,6 +55,28 @@ def test_fp8_bfloat16_output_and_special_values():
     np.testing.assert_allclose(amax, ref_amax, rtol=2.0**-8)
 
 
+def test_mxfp8_matches_reference():
+    """MXFP8 x MXFP8 (E8M0 scale per 32 along K): ragged M and N, blocks 2^±20 apart, an
+    all-zero block and a NaN scale code (its row is NaN, as dequantize gives)."""
+    k1, k2, k3 = jax.random.split(jax.random.key(11), 3)
+    xa = jax.random.normal(k1, (21, 192)) * jnp.exp2(
+        jax.random.randint(k3, (21, 6), -20, 20).repeat(32, axis=1).astype(jnp.float32))
+    xa = xa.at[3, 32:64].set(0.0)
+    a = jaxq.quantize(xa, "mxfp8")
+    bits = jax.lax.bitcast_convert_type(a.scale, jnp.uint8).at[5, 2].set(255)
+    a = a.__class__(a.codes, jax.lax.bitcast_convert_type(bits, a.scale.dtype), None, None,
+                    a.fmt, a.shape, a.dtype, a.layout)  # fmt: skip
+    b = jaxq.quantize(jax.random.normal(k2, (67, 192)), "mxfp8")
+    assert fp8._mode(a, b) == "mx"
+    y = _fp8(a, b)
+    ref = fp8.reference(a, b)
+    assert np.isnan(np.asarray(y)[5]).all() and np.isnan(np.asarray(ref)[5]).all()
+    keep = np.arange(21) != 5
+    assert_within(y[keep], ref[keep], _bound(a, b)[keep], 1e-5)
+    yb = _fp8(a, b, out_dtype=jnp.bfloat16)
+    assert_within(yb[keep], ref[keep], _bound(a, b)[keep], 2.0**-8)
+
+
 def test_fp8_dispatch_and_errors():
     a = random_qarray("e4m3", "tensor", (4, 64))
     b = random_qarray("e4m3", None, (8, 64))
@@ -63,7 +85,7 @@ def test_fp8_dispatch_and_errors():
         kernels.scaled_fp8_matmul(a, b, implementation="triton")
     with pytest.raises(ValueError, match=r"contraction size K"):
         kernels.scaled_fp8_matmul(a, random_qarray("e4m3", None, (8, 96)))
-    with pytest.raises(ValueError, match="E4M3/E5M2"):
+    with pytest.raises(ValueError, match="E4M3/E5M2 or MXFP8"):
         kernels.scaled_fp8_matmul(a, random_qarray("int8", None, (8, 64)))
     with pytest.raises(TypeError, match="QArray"):
         kernels.scaled_fp8_matmul(a, jnp.ones((8, 64)))
@@ -106,9 +128,13 @@ def test_w4a8_dispatch_and_errors():
                                           interpret=True)
 
 
-@pytest.mark.parametrize("mode", ["blockwise", "rowwise", "w4a8"])
+@pytest.mark.parametrize("mode", ["blockwise", "rowwise", "mx", "w4a8"])
 def test_lowers_for_h100(mode):
-    if mode == "w4a8":
+    if mode == "mx":
+        a = jaxq.quantize(jnp.ones((256, 512)), "mxfp8")
+        low = lower_or_skip(lambda a, b: fp8._triton(a, b, np.dtype(jnp.bfloat16), False,
+                                                     fp8.Config(), False), a, a)  # fmt: skip
+    elif mode == "w4a8":
         x = random_qarray("e4m3", "tensor", (16, 512))
         w = random_qarray("int4", 128, (256, 512))
         low = lower_or_skip(lambda x, w: w4a8._triton(x, w, w4a8.Config(), False), x, w)

@@ -1,7 +1,7 @@
 """jaxq.ops' products on the kernels: the dispatch, run in interpret mode on CPU.
 
-``JAXQ_KERNELS=interpret`` makes :func:`jaxq.ops.operand.matmul` hand weight-only, W4A8
-and blockwise-FP8 products to their Pallas kernels in interpret mode; without it (on CPU)
+``JAXQ_KERNELS=interpret`` makes :func:`jaxq.ops.operand.matmul` hand weight-only, W4A8,
+blockwise-FP8 and MXFP8 products to their Pallas kernels in interpret mode; without it (on CPU)
 the same calls stay on XLA. Both must give the recipe's product within the kernel's
 tolerance, forward and backward, under ``jit``.
 """
@@ -26,7 +26,10 @@ CASES = {
     "w4a8": (R.Int4(block_size=128, learned_step=False, activations="e4m3"), "jaxq_w4a8"),
     # DeepSeek-V3: 1x128 activation tiles x 128x128 weight blocks
     "fp8_blockwise": (R.FP8Blockwise(), "jaxq_fp8_blockwise"),
+    # MXFP8, forward and input gradient (MX x MX along K): the FP8 GEMM's 32-wide steps
+    "mxfp8": (R.MXFP8(), "jaxq_fp8_mx"),
 }
+BACKWARD_ON_KERNELS = {"mxfp8"}
 
 
 def _operands(seed=0):
@@ -60,6 +63,12 @@ def test_interpret_mode_routes_the_product_to_its_kernel(name, monkeypatch):
     # products here have |y| ~ sum|a.b| / 10, so 1e-4 of max |y| bounds it generously
     scale = float(jnp.max(jnp.abs(y_xla)))
     np.testing.assert_allclose(y, y_xla, rtol=0, atol=1e-4 * scale)
+    if name in BACKWARD_ON_KERNELS:  # the input gradient on the kernel too
+        assert str(jaxpr).count(kernel_name) >= 2
+        for d, d_xla in ((dx, dx_xla), (dw, dw_xla)):
+            np.testing.assert_allclose(d, d_xla, rtol=0,
+                                       atol=1e-4 * float(jnp.max(jnp.abs(d_xla))))  # fmt: skip
+        return
     # the backward products do not use the kernels: unchanged
     np.testing.assert_array_equal(dx, dx_xla)
     np.testing.assert_array_equal(dw, dw_xla)
