@@ -190,9 +190,16 @@ def test_sharded_weights_and_batch_match_unsharded():
         ws = jax.device_put(w, NamedSharding(mesh, P(None, "model")))
         (l1, g1), (l2, g2) = f(w, x), f(ws, xs)
         np.testing.assert_allclose(l1, l2, rtol=1e-5)
-        # the sharded contraction sums its partial products in another order: float32
-        # rounding of a sum of terms up to max |g|, so the bound scales with it
-        np.testing.assert_allclose(g1, g2, rtol=1e-4, atol=1e-5 * float(jnp.abs(g1).max()))
+        # The sharded contraction sums its partial products in another order (and XLA:CPU's
+        # in-process all-reduce need not fix that order from run to run). Float32 rounding
+        # then moves the gradient by ~1e-7 of max |g|, except where the different sum tips
+        # an element of the quantized output gradient to the neighbouring code: that moves
+        # a few entries by up to one FP8 step of their block. Most entries agree to 1e-4.
+        d = np.abs(np.asarray(g1) - np.asarray(g2))
+        top = float(jnp.abs(g1).max())
+        assert np.mean(d <= 1e-4 * np.abs(np.asarray(g1)) + 1e-5 * top) > 0.99, r.name
+        assert float(d.max()) < 0.05 * top, r.name
+        assert float(jnp.linalg.norm(g2 - g1) / jnp.linalg.norm(g1)) < 2e-3, r.name
 
 
 def test_einsum_matches_dot_general():
