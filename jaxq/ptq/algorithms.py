@@ -102,12 +102,12 @@ def _groups(groups, layers, name) -> dict[str, tuple[str, ...]]:
                                  "converts (or the batches never reach)")  # fmt: skip
             if p in out:
                 raise ValueError(f"jaxq.ptq.{name}: layer {p!r} is in two groups")
-            runs = [layers[q] for q in g]
-            if any(len(r.calls) != len(runs[0].calls) or r.calls[0].w3.shape[-1]
-                   != runs[0].calls[0].w3.shape[-1] for r in runs):  # fmt: skip
-                raise ValueError(f"jaxq.ptq.{name}: the layers of group {g} do not share "
-                                 "their input (different call counts or input sizes)")  # fmt: skip
             out[p] = g
+        runs = [layers[q] for q in g]
+        if any(len(r.calls) != len(runs[0].calls) or r.calls[0].w3.shape[-1]
+               != runs[0].calls[0].w3.shape[-1] for r in runs):  # fmt: skip
+            raise ValueError(f"jaxq.ptq.{name}: the layers of group {g} do not share "
+                             "their input (different call counts or input sizes)")  # fmt: skip
     return out
 
 
@@ -133,20 +133,24 @@ def smoothquant(model, params, rules, calibration, *, alpha: float = 0.5,
     new = Plan(plan)
     layers = _layers(model, params, rules, calibration, plan, ("absmax_k",))
     group_of = _groups(groups, layers, "smoothquant")
+    shared: dict = {}
     for path, run in layers.items():
         lp, calls, stack, stats = plan.layer(path), run.calls, run.stack, run.stats
         _no_weight_yet(lp, path, "smoothquant")
         scales = []
         for i, (call, st) in enumerate(zip(calls, stats, strict=True)):
-            if path in group_of:
-                g = group_of[path]
+            g = group_of.get(path)
+            if g is None:
+                a = jnp.max(st["absmax_k"], axis=0)
+                scales.append(smoothing.smoothquant_scales(
+                    a, jnp.max(jnp.abs(call.w3), axis=0), alpha))  # fmt: skip
+                continue
+            if (g, i) not in shared:  # once per group and call
                 a = jnp.max(jnp.stack([jnp.max(layers[p].stats[i]["absmax_k"], axis=0)
                                        for p in g]), axis=0)  # fmt: skip
-                w = _group_weight(layers, g, i)
-            else:
-                a = jnp.max(st["absmax_k"], axis=0)
-                w = jnp.max(jnp.abs(call.w3), axis=0)
-            scales.append(smoothing.smoothquant_scales(a, w, alpha))
+                shared[g, i] = smoothing.smoothquant_scales(a, _group_weight(layers, g, i),
+                                                            alpha)  # fmt: skip
+            scales.append(shared[g, i])
         new = new.with_layer(path, in_scale=_compose_scale(lp, stack, scales),
                              algorithm=lp.algorithm + ("smoothquant",))  # fmt: skip
     return new

@@ -34,6 +34,7 @@ from flax import nnx
 
 from jaxq.ptq.convert import calibrate
 from jaxq.ptq.plan import Plan
+from jaxq.wrapping.nnx import _get
 
 __all__ = ["fold", "Folded"]
 
@@ -53,10 +54,6 @@ def _nnx_node(model, path: str):
         if "/".join(map(str, p)) == path:
             return node
     raise ValueError(f"jaxq.ptq.fold: the model has no module at {path!r}")
-
-
-def _get(v):
-    return v.get_value() if hasattr(v, "get_value") else v.value
 
 
 def _set(v, value):
