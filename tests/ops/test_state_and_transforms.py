@@ -131,7 +131,9 @@ def test_data_parallel_amax_is_global():
     assert float(s.lhs_history[0]) == 40.0
     np.testing.assert_allclose(s.grad_history, s1.grad_history, rtol=1e-6)
     np.testing.assert_allclose(g, g1, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(loss, loss1, rtol=1e-6)
+    # The loss sums over the sharded batch: the all-reduce adds the shards' partial sums
+    # in another order than one device does (seen: 1.04e-6 relative), so allow 1e-5.
+    np.testing.assert_allclose(loss, loss1, rtol=1e-5)
 
 
 @pytest.mark.parametrize("name", ["fp8_current", "fp8_delayed", "mxfp4", "int8"])
