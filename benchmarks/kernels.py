@@ -71,6 +71,13 @@ def gpu_rows(repeats: int) -> list[tuple[str, str, float, float]]:
                      timeit(bf16_dot, x, w_bf, repeats=repeats)))  # fmt: skip
         rows.append((f"W4A16 int4 g128, M={m}, K=N=8192", "XLA dequantize + dot", t,
                      timeit(w4a16_xla, x, w4, repeats=repeats)))  # fmt: skip
+    for fmt in ("mxfp4", "nvfp4"):  # block scales decoded in the kernel
+        wq = jaxq.quantize(w_f, fmt)
+        for m in (1, 16):
+            x = _normal(1, (m, k), jnp.bfloat16)
+            rows.append((f"W4A16 {fmt}, M={m}, K=N=8192", "bf16 dot",
+                         timeit(w4a16, x, wq, repeats=repeats),
+                         timeit(bf16_dot, x, w_bf, repeats=repeats)))  # fmt: skip
     w4a8 = jax.jit(lambda x, w: kernels.w4a8_matmul(x, w, implementation="pallas"))
     for m in (256, 1024):
         x = _normal(2, (m, k), jnp.bfloat16)

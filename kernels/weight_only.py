@@ -9,8 +9,16 @@ codes packed two per byte along ``K``, code ``2j`` in the low nibble of byte ``j
     y_{mn} = \\sum_k x_{mk}\\, \\mathrm{dec}(c_{nk})\\, s_{n, \\lfloor k / g \\rfloor}
 
 accumulated in float32. Formats: INT4 (two's complement), NF4 (level index), FP4 E2M1
-(bit pattern) and INT8; scales per group of ``g`` (32, 64, 128 or 256) along ``K`` or
-per output channel. Batched ``(B, M, K) × (B, N, K)`` works the same way.
+(bit pattern) and INT8, with float32 scales per group of ``g`` (32, 64, 128 or 256) along
+``K`` or per output channel; and the block-scaled FP4 formats, whose scales the kernel
+decodes from their bytes in registers:
+
+* MXFP4: ``g = 32``, E8M0 scales ``s = 2^{e - 127}`` (byte ``e``; 255 is NaN);
+* NVFP4: ``g = 16``, E4M3 scales, and the float32 tensor scale ``t`` applied to the
+  float32 result, ``y = t \\sum_k x\\, c\\, s`` (``K`` a multiple of 32: one kernel
+  step covers two blocks).
+
+Batched ``(B, M, K) × (B, N, K)`` works the same way.
 
 The Triton kernel never unpacks the weight in memory: it splits the activations into
 their even and odd columns (an activation-sized pass), so that the low and high nibbles
@@ -21,8 +29,10 @@ float32. Decode shapes (``M <= 16``) split ``K`` over extra programs (split-K) w
 float32 partial sums are added afterwards.
 
 Tolerance: ``|y - y_ref| <= 2^-7 · Σ_k |x_{mk} w_{nk}| + 1e-6`` for bfloat16/float16
-activations (the dequantized weight is rounded once to the activation dtype), ``1e-5``
-relative to the same sum for float32 activations.
+activations (the dequantized weight is rounded once to the activation dtype; an E2M1 code
+times an E8M0 or E4M3 scale is exact in bfloat16), ``1e-5`` relative to the same sum for
+float32 activations. The weight is cast to the activation dtype in registers, so float16
+activations need ``|deq(w)| <= 65504``.
 
 Example:
     >>> import jax, jax.numpy as jnp, jaxq
@@ -47,15 +57,19 @@ import numpy as np
 from jax.experimental import pallas as pl
 
 from jaxq import formats as F
+from jaxq.quantization.cast import e4m3_values
 from jaxq.quantization.qarray import QArray, dequantize
 
 from . import registry as R
 
 __all__ = ["weight_only_matmul", "reference", "Config", "why_not", "decode_nibbles",
-           "kernel_for"]
+           "decode_scales", "kernel_for"]
 
 _ACT_DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
-_FORMATS = {"int4": F.INT4, "nf4": F.NF4, "e2m1": F.E2M1, "int8": F.INT8}
+_FORMATS = {"int4": F.INT4, "nf4": F.NF4, "e2m1": F.E2M1, "int8": F.INT8,
+            "mxfp4": F.MXFP4, "nvfp4": F.NVFP4}
+# the stored scale dtype of each format (float32 unless named), decoded in the kernel
+_SCALE_DTYPES = {"mxfp4": np.dtype(F.E8M0.dtype), "nvfp4": np.dtype(F.E4M3.dtype)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,6 +111,8 @@ def reference(x: jax.Array, w: QArray) -> jax.Array:
 def decode_nibbles(c: jax.Array, fmt_name: str) -> jax.Array:
     """float32 values of 4-bit codes held in an int32 array (in-kernel arithmetic, no
     gathers), bit-identical to :func:`jaxq.quantization.codes.decode`."""
+    if fmt_name in _SCALE_DTYPES:  # MXFP4 / NVFP4 elements
+        fmt_name = "e2m1"
     if fmt_name == "int4":
         return ((c ^ 8) - 8).astype(jnp.float32)
     if fmt_name == "e2m1":
@@ -113,6 +129,18 @@ def decode_nibbles(c: jax.Array, fmt_name: str) -> jax.Array:
             level = [jnp.where(bit == 1, level[i + 1], level[i]) for i in range(0, len(level), 2)]
         return level[0]
     raise ValueError(f"no 4-bit decoder for {fmt_name!r}")
+
+
+def decode_scales(bits: jax.Array, fmt_name: str) -> jax.Array:
+    """float32 values of a block format's scale bytes (in-kernel integer arithmetic): E8M0
+    ``2^{e - 127}`` (NaN for 255; ``2^-127``, a float32 subnormal, for 0) for MXFP4, E4M3
+    for NVFP4; bit-identical to ``scale.astype(float32)``."""
+    b = bits.astype(jnp.int32)
+    if fmt_name == "nvfp4":
+        return e4m3_values(b)
+    v = jax.lax.bitcast_convert_type(b << 23, jnp.float32)
+    v = jnp.where(b == 0, np.float32(2.0**-127), v)
+    return jnp.where(b == 255, np.float32(np.nan), v)
 
 
 def _fmt_name(w: QArray) -> str | None:
@@ -144,8 +172,9 @@ def _k_step(w: QArray) -> int | None:
     """Bytes of codes along ``K`` per kernel step (one scale group), or ``None``."""
     per_byte = 2 if w.packed else 1
     kc = w.codes.shape[-1]
-    if w.layout.kind == "block":
-        return w.layout.block_size // per_byte
+    if w.layout.kind == "block":  # one group per step; two for NVFP4's 16-element blocks
+        step = max(16, w.layout.block_size // per_byte)
+        return step if kc % step == 0 else None
     for step in (64, 32, 16):
         if kc % step == 0:
             return step
@@ -162,15 +191,19 @@ def why_not(impl: R.Implementation, x, w: QArray, *, interpret: bool = False) ->
             return reason
     name = _fmt_name(w)
     if name is None:
-        return f"format {w.fmt.name} (supported: int4, nf4, e2m1, int8)"
-    if w.zero_point is not None or np.dtype(w.scale.dtype) != np.float32:
-        return "needs symmetric float32 scales"
+        return f"format {w.fmt.name} (supported: {', '.join(_FORMATS)})"
+    want = _SCALE_DTYPES.get(name, np.dtype(np.float32))
+    if w.zero_point is not None or np.dtype(w.scale.dtype) != want:
+        return f"needs symmetric {want.name} scales"
     if np.dtype(x.dtype) not in [np.dtype(d) for d in _ACT_DTYPES]:
         return f"activation dtype {x.dtype} (supported: bfloat16, float16, float32)"
     nd, lay = w.ndim, w.layout
     if lay.kind == "block":
-        if lay.axes != (nd - 1,) or lay.block_size not in (32, 64, 128, 256):
-            return f"block layout {lay} (groups of 32/64/128/256 along K)"
+        sizes = (16,) if name == "nvfp4" else (32, 64, 128, 256)
+        if lay.axes != (nd - 1,) or lay.block_size not in sizes:
+            return f"block layout {lay} (groups of {'/'.join(map(str, sizes))} along K)"
+        if _k_step(w) is None:  # NVFP4: one kernel step covers two 16-element blocks
+            return f"K = {w.shape[-1]} needs a multiple of 32"
     elif lay.kind == "channel":
         if lay.axes != tuple(range(nd - 1)):
             return f"channel layout {lay} (one scale per output row)"
@@ -181,6 +214,8 @@ def why_not(impl: R.Implementation, x, w: QArray, *, interpret: bool = False) ->
     if impl.name == "mosaic_tpu":
         from . import weight_only_tpu
 
+        if name in _SCALE_DTYPES:
+            return f"{name} weights: the Triton kernel only"
         return weight_only_tpu.why_not(x, w, interpret=interpret)
     return None
 
@@ -188,7 +223,21 @@ def why_not(impl: R.Implementation, x, w: QArray, *, interpret: bool = False) ->
 # ----------------------------------------------------------------------------- kernel
 
 
-def _kernel(*refs, nx, fmt_name, step, per_group, total, per_split, cdtype, precision):
+def _group_scale(s_ref, i, fmt_name, groups, step):
+    """The scales of step ``i``'s ``groups`` groups, as float32 ``(block_n, 1)`` or, for two
+    groups, ``(block_n, step)`` (each group's scale over its half of the step's bytes)."""
+    def load(j):
+        s = s_ref[:, pl.ds(j, 1)]
+        return decode_scales(s, fmt_name) if fmt_name in _SCALE_DTYPES else s
+
+    if groups == 1:
+        return load(i)
+    col = jax.lax.broadcasted_iota(jnp.int32, (1, step), 1)
+    return jnp.where(col < step // 2, load(2 * i), load(2 * i + 1))
+
+
+def _kernel(*refs, nx, fmt_name, step, per_group, groups, total, per_split, cdtype,
+            precision):  # fmt: skip
     x_refs, (c_ref, s_ref, o_ref) = refs[:nx], refs[nx:]
     lo = pl.program_id(2) * per_split
     hi = jnp.minimum(lo + per_split, total)
@@ -200,7 +249,7 @@ def _kernel(*refs, nx, fmt_name, step, per_group, total, per_split, cdtype, prec
             planes = (decode_nibbles(c & 15, fmt_name), decode_nibbles(c >> 4, fmt_name))
         else:
             planes = (c.astype(jnp.float32),)
-        s = s_ref[:, pl.ds(i, 1)] if per_group else None
+        s = _group_scale(s_ref, i, fmt_name, groups, step) if per_group else None
         for x_ref, wv in zip(x_refs, planes, strict=True):
             if per_group:
                 wv = wv * s
@@ -229,7 +278,7 @@ def _tiles(m: int, n: int, total: int, cfg: Config) -> tuple[int, int, int]:
     return bm, bn, pl.cdiv(total, per_split)
 
 
-def _triton_2d(x, codes, scale, *, fmt_name, packed, block_k, cfg, interpret):
+def _triton_2d(x, codes, scale, *, fmt_name, packed, block_k, groups, cfg, interpret):
     from jax.experimental.pallas import triton as plt
 
     m, _ = x.shape
@@ -253,8 +302,8 @@ def _triton_2d(x, codes, scale, *, fmt_name, packed, block_k, cfg, interpret):
     c_spec = pl.BlockSpec((bn, kc), lambda i, j, s: (j, 0))
     out_spec = pl.BlockSpec((None, bm, bn), lambda i, j, s: (s, i, j))
     kernel = functools.partial(
-        _kernel, nx=len(xs), fmt_name=fmt_name, step=step, per_group=per_group, total=total,
-        per_split=per_split, cdtype=cdtype, precision=precision,
+        _kernel, nx=len(xs), fmt_name=fmt_name, step=step, per_group=per_group,
+        groups=groups, total=total, per_split=per_split, cdtype=cdtype, precision=precision,
     )  # fmt: skip
     partial = pl.pallas_call(
         kernel,
@@ -272,12 +321,14 @@ def _triton_2d(x, codes, scale, *, fmt_name, packed, block_k, cfg, interpret):
 def _triton(x, w: QArray, cfg: Config, interpret: bool) -> jax.Array:
     name = _fmt_name(w)
     block_k = _k_step(w) if w.layout.kind == "block" else None
+    groups = 1 if block_k is None else block_k * (2 if w.packed else 1) // w.layout.block_size
     scale = w.scale.reshape(w.codes.shape[:-1] + (-1,))
+    if name in _SCALE_DTYPES:  # the scale bytes travel as uint8, decoded in the kernel
+        scale = jax.lax.bitcast_convert_type(scale, jnp.uint8)
     fn = functools.partial(_triton_2d, fmt_name=name, packed=w.packed, block_k=block_k,
-                           cfg=cfg, interpret=interpret)  # fmt: skip
-    if x.ndim == 2:
-        return fn(x, w.codes, scale)
-    return jax.vmap(fn)(x, w.codes, scale)
+                           groups=groups, cfg=cfg, interpret=interpret)  # fmt: skip
+    y = fn(x, w.codes, scale) if x.ndim == 2 else jax.vmap(fn)(x, w.codes, scale)
+    return y if w.tensor_scale is None else y * w.tensor_scale
 
 
 # ------------------------------------------------------------------------- dispatcher
@@ -296,7 +347,7 @@ def weight_only_matmul(
     Args:
         x: activations ``(M, K)`` or ``(B, M, K)``, bfloat16/float16/float32.
         w: a :class:`jaxq.QArray` of shape ``(N, K)`` or ``(B, N, K)`` (INT4, NF4, E2M1 or
-            INT8; group scales along ``K`` or per-row scales).
+            INT8 with group scales along ``K`` or per-row scales; MXFP4 or NVFP4).
         implementation: ``None`` (kernel if available, else XLA), ``"pallas"``,
             ``"triton"`` (GPU), ``"mosaic_tpu"`` (TPU, :mod:`~jaxq.kernels.weight_only_tpu`)
             or ``"xla"`` (see :mod:`jaxq.kernels.registry`).
@@ -340,9 +391,10 @@ R.register(R.Kernel(
     reference=reference,
     implementations=(
         R.Implementation("triton", ("gpu",), "NVIDIA GPU, compute capability >= 8.0; "
-                         "INT4/NF4/E2M1/INT8, groups 32-256 or per-row scales"),
-        R.Implementation("mosaic_tpu", ("tpu",), "TPU; as triton, and K/2 a multiple of 4·g "
-                         "bytes (or at most 8192)"),
+                         "INT4/NF4/E2M1/INT8, groups 32-256 or per-row scales; MXFP4; NVFP4 "
+                         "(K a multiple of 32)"),
+        R.Implementation("mosaic_tpu", ("tpu",), "TPU; as triton but not MXFP4/NVFP4, and "
+                         "K/2 a multiple of 4·g bytes (or at most 8192)"),
         R.XLA,
     ),
     tolerance="2^-7 · Σ|x·w| (bf16/f16 activations), 1e-5 · Σ|x·w| (f32)",

@@ -9,7 +9,7 @@ layouts, and ``None`` otherwise; ``matmul`` then computes the product with XLA a
 operands                                       kernel
 =============================================  ==========================================
 float × INT4 / NF4 / E2M1 / INT8 (groups or    :func:`jaxq.kernels.weight_only_matmul`
-rows; W4A16, W8A16)
+rows; W4A16, W8A16), MXFP4, NVFP4              (block scales decoded in registers)
 E4M3 (tensor or row scales) × INT4 (W4A8)      :func:`jaxq.kernels.w4a8_matmul`
 FP8 × FP8 with ``1 × 128`` blocks along K on   :func:`jaxq.kernels.scaled_fp8_matmul`
 both (DeepSeek-V3: 128 × 128 weight blocks     (float32 promotion of each 128-wide
@@ -24,8 +24,8 @@ devices; interpret mode excepted) and, for the FP8 and W4A8 kernels, for a batch
 1 (a plain ``Dense``/``Linear`` product). Each kernel's availability check decides the
 rest (platform, GPU generation, shapes); on CPU nothing changes. The results agree with
 the XLA path within each kernel's stated tolerance (:func:`jaxq.kernels.registry.table`).
-The other backward products, MXFP4/NVFP4 products and the quantizers stay on XLA for
-now.
+The other backward products, products with both operands in MXFP4/NVFP4 and the
+quantizers stay on XLA for now.
 
 The environment variable ``JAXQ_KERNELS`` steers it: ``xla`` keeps every product on XLA;
 ``interpret`` runs the kernels in Pallas interpret mode on any platform, which tests the

@@ -22,6 +22,9 @@ DN = (((2,), (0,)), ((), ()))
 CASES = {
     # weight-only INT4 g64 (W4A16): the weight-only GEMM
     "w4a16": (Recipe("w4a16", None, Quantizer("int4", "block", 64), None), "jaxq_weight_only"),
+    # weight-only MXFP4 and NVFP4: the same kernel, decoding E8M0 / E4M3 block scales
+    "w_mxfp4": (Recipe("w_mxfp4", None, Quantizer("mxfp4", "block"), None), "jaxq_weight_only"),
+    "w_nvfp4": (Recipe("w_nvfp4", None, Quantizer("nvfp4", "block"), None), "jaxq_weight_only"),
     # E4M3 per-tensor activations x INT4 g128 weights (FireQ's W4A8)
     "w4a8": (R.Int4(block_size=128, learned_step=False, activations="e4m3"), "jaxq_w4a8"),
     # DeepSeek-V3: 1x128 activation tiles x 128x128 weight blocks

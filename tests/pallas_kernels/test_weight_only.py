@@ -125,6 +125,87 @@ def test_lowers_for_h100(fmt, group):
     assert "triton" in low.as_text()
 
 
+def _block_fp4(fmt, shape, seed=0, scale_bytes=None, max_exp=20):
+    """A random MXFP4 / NVFP4 QArray: every code, and random scale bytes (E8M0 exponents
+    2^-20..2^max_exp; positive E4M3 values, subnormals included), or the given bytes."""
+    from jaxq import formats as F
+    from jaxq.quantization.qarray import Layout, QArray
+
+    fmt = F.get(fmt)
+    rng = np.random.default_rng(seed)
+    codes = rng.integers(0, 256, shape[:-1] + (shape[-1] // 2,), dtype=np.uint8)
+    sshape = shape[:-1] + (shape[-1] // fmt.block_size,)
+    if scale_bytes is None:
+        lo, hi = (107, 128 + max_exp) if fmt == F.MXFP4 else (1, 0x7F)
+        scale_bytes = rng.integers(lo, hi, sshape, dtype=np.uint8)
+    scale = jax.lax.bitcast_convert_type(jnp.asarray(scale_bytes, jnp.uint8),
+                                         fmt.scale_format.dtype)  # fmt: skip
+    ts = jnp.float32(rng.uniform(0.5, 2.0)) if fmt.tensor_scale else None
+    return QArray(jnp.asarray(codes), scale, None, ts, fmt, shape, np.dtype(np.float32),
+                  Layout("block", (len(shape) - 1,), fmt.block_size)).validate()
+
+
+@pytest.mark.parametrize("fmt,dtype,m,k", [
+    ("mxfp4", jnp.bfloat16, 1, 96), ("nvfp4", jnp.bfloat16, 7, 96),
+    ("mxfp4", jnp.float16, 16, 160), ("nvfp4", jnp.float32, 3, 224),
+    ("mxfp4", jnp.float32, 260, 64), ("nvfp4", jnp.float16, 257, 128),
+])  # fmt: skip
+def test_mx_and_nvfp4_weights_match_reference(fmt, dtype, m, k):
+    """Scales decoded in the kernel (E8M0 over 2^+-20, E4M3 with subnormals); decode and
+    prefill shapes, N = 100 not a multiple of the tile, K an odd number of blocks for MXFP4.
+    The weight is cast to the activation dtype in the kernel, so float16 activations need
+    |w| <= 65504: their E8M0 scales stop at 2^9."""
+    w = _block_fp4(fmt, (100, k), seed=m, max_exp=9 if dtype == jnp.float16 else 20)
+    x = jax.random.normal(jax.random.key(m), (m, k)).astype(dtype)
+    _check(x, w)
+
+
+def test_block_scale_bytes_decode_bit_exactly():
+    """Every E8M0 and E4M3 byte, decoded as the kernel does, equals the dtype's own cast."""
+    from jaxq import formats as F
+
+    bits = jnp.arange(256, dtype=jnp.uint8)
+    for name, fmt in (("mxfp4", F.E8M0), ("nvfp4", F.E4M3)):
+        want = np.asarray(jax.lax.bitcast_convert_type(bits, fmt.dtype)).astype(np.float32)
+        got = np.asarray(jax.jit(wo.decode_scales, static_argnums=1)(bits, name))
+        np.testing.assert_array_equal(got.view(np.uint32)[~np.isnan(want)],
+                                      want.view(np.uint32)[~np.isnan(want)])  # fmt: skip
+        np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+
+
+def test_block_fp4_edge_scales_and_refusals():
+    """The smallest and largest E8M0 scales, a NaN scale byte, a zero NVFP4 block; NVFP4
+    needs K to be a multiple of 32 (one step covers two blocks)."""
+    sb = np.full((24, 4), 127, np.uint8)
+    sb[0, 0], sb[1, 1], sb[2, 2], sb[3, 3] = 0, 230, 255, 1  # 2^-127, 2^103, NaN, 2^-126
+    w = _block_fp4("mxfp4", (24, 128), scale_bytes=sb)
+    x = jax.random.normal(jax.random.key(3), (5, 128))
+    y, ref = _kernel(x, w), wo.reference(x, w)
+    np.testing.assert_array_equal(np.isnan(y), np.isnan(ref))
+    assert np.isnan(np.asarray(y)[:, 2]).all() and np.isfinite(np.asarray(y)[:, [0, 1, 3]]).all()
+    assert_within(y, ref, abs_product(x, jnp.nan_to_num(jaxq.dequantize(w))), 1e-5)
+    sb = np.full((24, 8), 0x38, np.uint8)
+    sb[5, 2] = 0  # a zero block scale
+    w = _block_fp4("nvfp4", (24, 128), scale_bytes=sb)
+    _check(x, w)
+    impl = kernels.registry.get("weight_only_matmul").implementations[0]
+    odd = _block_fp4("nvfp4", (8, 48))
+    assert "multiple of 32" in wo.why_not(impl, jnp.ones((2, 48)), odd, interpret=True)
+    tpu = kernels.registry.get("weight_only_matmul").implementations[1]
+    assert "Triton kernel only" in wo.why_not(tpu, x, w, interpret=True)
+    np.testing.assert_array_equal(kernels.weight_only_matmul(jnp.ones((2, 48)), odd,
+                                                             interpret=True),
+                                  wo.reference(jnp.ones((2, 48)), odd))  # fmt: skip
+
+
+@pytest.mark.parametrize("fmt", ["mxfp4", "nvfp4"])
+def test_block_fp4_lowers_for_h100(fmt):
+    w = _block_fp4(fmt, (256, 512))
+    x = jax.ShapeDtypeStruct((8, 512), jnp.bfloat16)
+    low = lower_or_skip(lambda x, w: wo._triton(x, w, wo.Config(), False), x, w)
+    assert "triton" in low.as_text()
+
+
 @functools.partial(jax.jit, static_argnames=())
 def _tpu(x, w):
     return kernels.weight_only_matmul(x, w, implementation="mosaic_tpu", interpret=True)
