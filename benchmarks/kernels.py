@@ -10,7 +10,8 @@ Each row is a ratio measured side by side in this process (warm-up, median of re
 * blockwise FP8 (1×128 × 128×128) at 8192³ against a bfloat16 ``jnp.dot``;
 * FP8 cast-transpose and MXFP8 block quantize against a copy of the same bytes;
 * one ``adamw_8bit`` step with the fused update kernel (``implementation=None``) on 134M
-  parameters against ``optax.adamw`` and against ``adamw_8bit``'s XLA path.
+  parameters against ``optax.adamw`` and against ``adamw_8bit``'s XLA path, and one
+  ``adamw_4bit`` step (the two-pass rank-1 kernel of ``fused_adam_4bit``) likewise.
 
 The table goes to ``benchmarks/results/kernels_gpu.md`` with the GPU's name, the versions
 and the command. Without a GPU the script says that the GPU figures are still to be
@@ -122,7 +123,9 @@ def adam_rows(repeats: int) -> list[tuple[str, str, float, float]]:
 
     times = {}
     for name, tx in (("fused", optim.adamw_8bit(1e-3, implementation=None)),
-                     ("xla", optim.adamw_8bit(1e-3)), ("optax", optax.adamw(1e-3))):  # fmt: skip
+                     ("xla", optim.adamw_8bit(1e-3)), ("optax", optax.adamw(1e-3)),
+                     ("fused4", optim.adamw_4bit(1e-3, implementation=None)),
+                     ("xla4", optim.adamw_4bit(1e-3))):  # fmt: skip
         step, state = stepper(tx)
         p = jax.tree.map(jnp.copy, params)
         for _ in range(2):
@@ -135,9 +138,11 @@ def adam_rows(repeats: int) -> list[tuple[str, str, float, float]]:
             jax.block_until_ready(p)
             ts.append(time.perf_counter() - t)
         times[name] = 1e3 * statistics.median(ts)
-    case = "adamw_8bit step, fused kernel, 134M params"
+    case, case4 = (f"adamw_{k} step, fused kernel, 134M params" for k in ("8bit", "4bit"))
     return [(case, "optax.adamw (float32 moments)", times["fused"], times["optax"]),
-            (case, "adamw_8bit under XLA", times["fused"], times["xla"])]  # fmt: skip
+            (case, "adamw_8bit under XLA", times["fused"], times["xla"]),
+            (case4, "optax.adamw (float32 moments)", times["fused4"], times["optax"]),
+            (case4, "adamw_4bit under XLA", times["fused4"], times["xla4"])]  # fmt: skip
 
 
 def write(rows, argv) -> None:
@@ -176,6 +181,15 @@ def cpu_sanity() -> None:
     pairs = zip(jax.tree.leaves(s_k), jax.tree.leaves(s_x), strict=True)
     same = all(bool((a == b).all()) for a, b in pairs)
     print(f"  adam_update (interpret) state equals the XLA path: {same}")
+    params = {"w": _normal(3, (64, 256))}  # a rank-1 second moment: two passes
+    fused = optim.adamw_4bit(1e-3, implementation="pallas", interpret=True)
+    s_k = jax.jit(fused.update)(params, fused.init(params), params)[1]
+    s_x = jax.jit(optim.adamw_4bit(1e-3).update)(params, fused.init(params), params)[1]
+    pairs = zip(jax.tree.leaves(s_k), jax.tree.leaves(s_x), strict=True)
+    diff = max(int((np.asarray(a) != np.asarray(b)).sum()) for a, b in pairs)
+    print(f"  adam_update_4bit (interpret) state elements unlike the XLA path: {diff} "
+          f"(nonzero only where a multiply-add contracted in another order moves a scale "
+          f"by an ulp)")
 
 
 def main(argv=None) -> int:

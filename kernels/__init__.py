@@ -18,7 +18,10 @@ all have a Pallas Triton implementation for NVIDIA GPUs:
   :func:`jaxq.quantize` bit for bit;
 * :func:`fused_adam.adam_update` — the 8-bit or FP8 Adam step (decode, update,
   re-encode per block) in one pass over the optimizer state, the ``implementation=None``
-  of :func:`jaxq.optim.adamw_8bit` and :func:`jaxq.optim.adamw_fp8`.
+  of :func:`jaxq.optim.adamw_8bit` and :func:`jaxq.optim.adamw_fp8`;
+* :func:`fused_adam_4bit.adam_update` — the same for the packed 4-bit moments of
+  :func:`jaxq.optim.adamw_4bit` (two passes where the second moment is normalized by the
+  row and column maxima of a matrix).
 
 Every dispatcher takes ``implementation=None | "pallas" | "xla"`` (or an implementation's
 name) and ``interpret=True`` to run its Pallas kernel in interpret mode on any platform.
@@ -27,14 +30,15 @@ name) and ``interpret=True`` to run its Pallas kernel in interpret mode on any p
 
 import jax
 
-from . import fused_adam, registry, weight_only_tpu
+from . import fused_adam, fused_adam_4bit, registry, weight_only_tpu
 from .fp8_gemm import scaled_fp8_matmul
 from .fused_quantize import block_quantize, cast_transpose
 from .w4a8 import w4a8_matmul
 from .weight_only import weight_only_matmul
 
 __all__ = ["backend", "registry", "weight_only_matmul", "w4a8_matmul", "scaled_fp8_matmul",
-           "cast_transpose", "block_quantize", "weight_only_tpu", "fused_adam"]
+           "cast_transpose", "block_quantize", "weight_only_tpu", "fused_adam",
+           "fused_adam_4bit"]
 
 
 def backend() -> str:

@@ -103,7 +103,11 @@ def _round_up(a, scale_dtype):
 
 
 def _map_encode(x, book, search):
-    """Nearest-code index of float32 ``x`` (``CodeBook.encode``'s merged bucket table)."""
+    """Nearest-code index of float32 ``x``: ``CodeBook.encode``'s merged bucket table
+    (``search``, its gather) for 256-value maps; a small map without a table (16 values)
+    encodes by its own comparisons or closed form, which are elementwise."""
+    if book.search is None:
+        return book.encode(x)
     shift = np.uint32(book.shift)
     mask = np.uint32((1 << book.shift) - 1)
     bits = jax.lax.bitcast_convert_type(x, jnp.uint32)
@@ -141,7 +145,7 @@ def _encode(x, old_scale, spec, lookups, *, first: bool, sign_fix: bool):
         if not first:  # the second moment never rounds a positive value to 0
             bits = jnp.where((bits == 0) & (y > 0), np.uint8(1), bits)
         return bits, a
-    idx = _map_encode(y, spec, lookups[1])
+    idx = _map_encode(y, spec, lookups[1] if len(lookups) > 1 else None)
     if first and sign_fix:  # a nonzero first moment never flips sign or becomes 0
         neg = spec.negatives
         down = ((x < 0) & (idx >= neg)).astype(jnp.int32)
@@ -149,14 +153,19 @@ def _encode(x, old_scale, spec, lookups, *, first: bool, sign_fix: bool):
     return idx.astype(jnp.uint8), a
 
 
+def _sanitize(g):
+    """float32 ``g`` with non-finite elements 0 and ``|g| <= 2**63``, and the finite mask."""
+    g32 = g.astype(jnp.float32)
+    finite = jnp.isfinite(g32)
+    return jnp.where(finite, jnp.clip(g32, -_GRAD_LIMIT, _GRAD_LIMIT), 0.0), finite
+
+
 def _block_update(h, g, mc, ma, vc, va, lookups, *, m_map, v_map, sign_fix):
     """One block column ``(rows, B)`` of the update; ``h`` the scalars, ``ma``/``va``
     ``(rows, 1)`` scales, ``lookups`` per moment its table gathers. Returns
     ``(u, m codes, m scale, v codes, v scale)`` (scales in their stored dtype)."""
     b1, c1, b2, c2, bc1, bc2_sqrt, eps = h
-    g32 = g.astype(jnp.float32)
-    finite = jnp.isfinite(g32)
-    g32 = jnp.where(finite, jnp.clip(g32, -_GRAD_LIMIT, _GRAD_LIMIT), 0.0)
+    g32, finite = _sanitize(g)
     m0 = _decode(mc, ma, m_map, lookups[0])
     v0 = _decode(vc, va, v_map, lookups[1])
     m = b1 * m0 + c1 * g32

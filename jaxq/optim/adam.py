@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxq.kernels import fused_adam
+from jaxq.kernels import fused_adam, fused_adam_4bit
 from jaxq.optim import blockwise as bw
 from jaxq.optim import codecs as cd
 from jaxq.optim import maps
@@ -73,15 +73,59 @@ def _as_bits(codes):
     return jax.lax.bitcast_convert_type(codes, jnp.uint8) if codes.dtype != jnp.uint8 else codes
 
 
+def _fused_4bit(g, states, cs, hyper, implementation, interpret):
+    """:func:`jaxq.kernels.fused_adam_4bit.adam_update` on one leaf of 4-bit moments, or
+    None where it does not apply: a rank-1 ``v`` needs its matrix view to be ``m``'s row
+    layout (not so for a matrix whose short last axis the row layout merges)."""
+    m, v = cs
+    sm, sv = states
+    rank1 = isinstance(v, cd.Rank1Codec)
+    bs = m.block_size
+    lead, n = bw.row_shape(g.shape, bs)
+    if not rank1 and not (isinstance(v, cd.BlockCodec) and v.bits == 4 and not v.sign_fix):
+        return None
+    if v.block_size != bs or (rank1 and v.view(g.shape) != (*lead, n)):
+        return None
+    flat = lambda a: a.reshape(-1, a.shape[-1])  # noqa: E731
+    g2 = bw.to_blocks(g, bs).reshape(-1, sm.codes.shape[-1] * 2)
+    if rank1:
+        v_scale = (sv.row_max.reshape(-1), sv.col_max.reshape(-1, n))
+    else:
+        v_scale = flat(sv.absmax)
+    ma = flat(sm.absmax)
+    impl = fused_adam_4bit.implementation_for(g2, ma, m.book, v.book, implementation,
+                                              interpret)  # fmt: skip
+    if impl == "xla":
+        return None
+    u, mc, ma, vc, vs = fused_adam_4bit.adam_update(
+        g2, flat(sm.codes), ma, flat(sv.codes), v_scale, hyper, m_map=m.book, v_map=v.book,
+        n=n, sign_fix=m.sign_fix, implementation=impl, interpret=interpret,
+    )  # fmt: skip
+    u = bw.from_blocks(u.reshape(*lead, -1, bs), g.shape)
+    new_m = cd.QuantizedMoment(mc.reshape(sm.codes.shape), ma.reshape(sm.absmax.shape))
+    vc = vc.reshape(sv.codes.shape)
+    if rank1:
+        new_v = cd.Rank1Moment(vc, vs[0].reshape(sv.row_max.shape),
+                               vs[1].reshape(sv.col_max.shape))  # fmt: skip
+    else:
+        new_v = cd.QuantizedMoment(vc, vs.reshape(sv.absmax.shape))
+    return u, new_m, new_v
+
+
 def _fused(hyper, implementation, interpret):
     """The engine's ``fused`` hook: the fused update kernel where it runs, else None.
 
     It takes parameters whose two moments are 8-bit map or E4M3 block codecs of one block
-    size and scale dtype, on a single device: a Pallas call is not partitioned across
-    devices, so sharded training keeps the XLA path.
+    size and scale dtype (:mod:`jaxq.kernels.fused_adam`), or ``adamw_4bit``'s 4-bit
+    moments (:mod:`jaxq.kernels.fused_adam_4bit`), on a single device: a Pallas call is
+    not partitioned across devices, so sharded training keeps the XLA path.
     """
     def fused(g, states, cs):
         m, v = cs
+        if isinstance(m, cd.BlockCodec) and m.bits == 4:
+            if not (interpret or jax.device_count() == 1):
+                return None
+            return _fused_4bit(g, states, cs, hyper, implementation, interpret)
         m_spec, v_spec = _kernel_spec(m, True), _kernel_spec(v, False)
         if (m_spec is None or v_spec is None or m.block_size != v.block_size
                 or jnp.dtype(m.scale_dtype) != jnp.dtype(v.scale_dtype)
@@ -189,6 +233,16 @@ _KERNEL_ARGS = """        implementation: ``"xla"`` (default) or ``None`` / ``"p
         interpret: run that kernel in Pallas interpret mode (any platform; for tests).
 """
 
+_KERNEL_ARGS_4BIT = """        implementation: ``"xla"`` (default), or ``None`` / ``"pallas"``
+            for the fused update kernel (:mod:`jaxq.kernels.fused_adam_4bit`: one pass
+            over the state per step, two for a rank-1 ``v``, whose row and column maxima
+            come first) where it runs, an NVIDIA GPU and a single device, power-of-two
+            blocks >= 32 and a matrix view that is the row layout; XLA elsewhere. It is
+            opt-in until it has been measured on a GPU; the new state is the same, up to
+            the ulp of a multiply-add a compiler contracts (see that module).
+        interpret: run that kernel in Pallas interpret mode (any platform; for tests).
+"""
+
 _COMMON_ARGS = """
     Args:
         b1: decay of the first moment (float or array; injectable).
@@ -239,7 +293,7 @@ def scale_by_adam_8bit(
 
 def scale_by_adam_4bit(
     b1=0.9, b2=0.999, eps=1e-8, *, block_size=None, min_quantized_size=None,
-    keep_fp32=None, scale_dtype=None,
+    keep_fp32=None, scale_dtype=None, implementation="xla", interpret=False,
 ) -> optax.GradientTransformation:  # fmt: skip
     """Adam's scaling with 4-bit moments (Li et al. 2023), two codes per byte.
 
@@ -251,7 +305,7 @@ def scale_by_adam_4bit(
     is long; a short last axis merged with the ones before it, ``(d, heads, 64)`` ->
     ``(d, heads * 64)``); by block absmax (blocks of 128) for vectors and tensors without
     such a view.
-    {args}
+    {args}{kernel}
     Returns:
         An ``optax.GradientTransformation`` with :class:`QuantizedAdamState`.
 
@@ -265,6 +319,7 @@ def scale_by_adam_4bit(
     return _scale_by_adam(
         b1, b2, eps, _codecs_4bit(block_size, scale_dtype),
         keep_fp32=keep_fp32, min_quantized_size=min_quantized_size,
+        implementation=implementation, interpret=interpret,
     )  # fmt: skip
 
 
@@ -300,7 +355,7 @@ def scale_by_adam_fp8(
 scale_by_adam_8bit.__doc__ = scale_by_adam_8bit.__doc__.format(
     args=_COMMON_ARGS.format(bs=256, sd="bfloat16"), kernel=_KERNEL_ARGS)
 scale_by_adam_4bit.__doc__ = scale_by_adam_4bit.__doc__.format(
-    args=_COMMON_ARGS.format(bs=128, sd="float32"))
+    args=_COMMON_ARGS.format(bs=128, sd="float32"), kernel=_KERNEL_ARGS_4BIT)
 scale_by_adam_fp8.__doc__ = scale_by_adam_fp8.__doc__.format(
     args=_COMMON_ARGS.format(bs=256, sd="bfloat16"), kernel=_KERNEL_ARGS)
 
@@ -380,9 +435,11 @@ def adamw_8bit(
 def adamw_4bit(
     learning_rate, b1=0.9, b2=0.999, eps=1e-8, weight_decay=1e-2, mask=None, *,
     block_size=None, min_quantized_size=None, keep_fp32=None, scale_dtype=None,
+    implementation="xla", interpret=False,
 ) -> optax.GradientTransformation:  # fmt: skip
     kw = dict(block_size=block_size, min_quantized_size=min_quantized_size,
-              keep_fp32=keep_fp32, scale_dtype=scale_dtype)  # fmt: skip
+              keep_fp32=keep_fp32, scale_dtype=scale_dtype, implementation=implementation,
+              interpret=interpret)  # fmt: skip
     return _adamw(scale_by_adam_4bit, learning_rate, b1, b2, eps, weight_decay, mask, kw)
 
 
@@ -403,7 +460,9 @@ adamw_8bit.__doc__ = _ADAMW_DOC.format(
     "``interpret`` (also accepted here) choose the fused update kernel.\n")
 adamw_4bit.__doc__ = _ADAMW_DOC.format(
     title="AdamW with 4-bit moments (about 1 byte of state per parameter).",
-    kind="4bit", detail="Moments as in :func:`scale_by_adam_4bit` (block 128).\n")
+    kind="4bit", detail="Moments as in :func:`scale_by_adam_4bit` (block 128); "
+    "``implementation`` and ``interpret`` (also accepted here) choose the fused update "
+    "kernel.\n")
 adamw_fp8.__doc__ = _ADAMW_DOC.format(
     title="AdamW with blockwise E4M3 moments (about 2 bytes of state per parameter).",
     kind="fp8", detail="Moments as in :func:`scale_by_adam_fp8` (block 256); "
