@@ -198,16 +198,19 @@ def _triton(a: QArray, b: QArray, out_dtype, with_amax, cfg: Config, interpret: 
     blockwise = mode in _STEP
     step = _STEP[mode] if blockwise else _step(k)
     bm = cfg.block_m or (16 if m <= 16 else 64)
-    bn = cfg.block_n or (64 if m <= 16 else 128)
+    bn = cfg.block_n or R.dividing_tile(n, 64 if m <= 16 else 128)
     gm, gn = pl.cdiv(m, bm), pl.cdiv(n, bn)
     if blockwise:
         sa, sb = _float_scale(a), _float_scale(b).T  # (M, K/step), (K/step, N)
     else:
         sa = jnp.broadcast_to(a.scale.reshape(-1, 1), (m, 1))
         sb = jnp.broadcast_to(b.scale.reshape(1, -1), (1, n))
+    # whole tiles only (registry.pad_to); the kernel masks the padding out of the amax
+    ac, sa = R.pad_to(a.codes, (bm, None)), R.pad_to(sa, (bm, None))
+    bc, sb = R.pad_to(b.codes, (bn, None)), R.pad_to(sb, (None, bn))
     sa_spec = pl.BlockSpec((bm, sa.shape[1]), lambda i, j: (i, 0))
     sb_spec = pl.BlockSpec((sb.shape[0], bn), lambda i, j: (0, j))
-    out_shape = [jax.ShapeDtypeStruct((m, n), out_dtype)]
+    out_shape = [jax.ShapeDtypeStruct((gm * bm, gn * bn), out_dtype)]
     out_specs = [pl.BlockSpec((bm, bn), lambda i, j: (i, j))]
     if with_amax:  # one float32 per tile, padded to a 16x16 block for the Triton backend
         out_shape.append(jax.ShapeDtypeStruct((gm * 16, gn * 16), jnp.float32))
@@ -223,10 +226,10 @@ def _triton(a: QArray, b: QArray, out_dtype, with_amax, cfg: Config, interpret: 
         compiler_params=plt.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
         interpret=interpret,
         name=f"jaxq_fp8_{mode}",
-    )(a.codes, b.codes, sa.astype(jnp.float32), sb.astype(jnp.float32))
+    )(ac, bc, sa.astype(jnp.float32), sb.astype(jnp.float32))
     if with_amax:
-        return outs[0], jnp.max(outs[1])
-    return outs[0]
+        return outs[0][:m, :n], jnp.max(outs[1])
+    return outs[0][:m, :n]
 
 
 def kernel_for(a, b, *, interpret: bool = False,

@@ -240,6 +240,9 @@ def _triton(g, m_codes, m_scale, v_codes, v_scale, hyper, *, m_map, v_map, sign_
     from jax.experimental.pallas import triton as plt
 
     rows, n = g.shape
+    # whole tiles only (registry.pad_to): a row tile that divides the rows, so that the
+    # state is never copied to pad it
+    block_rows = R.dividing_tile(rows, block_rows, smallest=1)
     nb_all = m_scale.shape[1]
     bs = n // nb_all
     nb = _tile_blocks(nb_all)

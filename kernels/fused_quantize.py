@@ -126,10 +126,11 @@ def _ct_triton(x, fmt, s, block, interpret):
 
     m, n = x.shape
     gm, gn = pl.cdiv(m, block), pl.cdiv(n, block)
+    xp = R.pad_to(x, (block, block))  # whole tiles only (registry.pad_to)
     codes, codes_t, tiles = pl.pallas_call(
         functools.partial(_ct_kernel, fmt=fmt, m=m, n=n),
-        out_shape=[jax.ShapeDtypeStruct((m, n), fmt.dtype),
-                   jax.ShapeDtypeStruct((n, m), fmt.dtype),
+        out_shape=[jax.ShapeDtypeStruct(xp.shape, fmt.dtype),
+                   jax.ShapeDtypeStruct(xp.shape[::-1], fmt.dtype),
                    jax.ShapeDtypeStruct((gm * 16, gn * 16), jnp.float32)],  # fmt: skip
         grid=(gm, gn),
         in_specs=[pl.BlockSpec((block, block), lambda i, j: (i, j)),
@@ -140,8 +141,8 @@ def _ct_triton(x, fmt, s, block, interpret):
         compiler_params=plt.CompilerParams(num_warps=4, num_stages=1),
         interpret=interpret,
         name="jaxq_cast_transpose",
-    )(x, jnp.reshape(s, (1, 1)))
-    return codes, codes_t, jnp.max(tiles)
+    )(xp, jnp.reshape(s, (1, 1)))
+    return codes[:m, :n], codes_t[:n, :m], jnp.max(tiles)
 
 
 def cast_transpose(x, fmt="e4m3", *, amax=None, implementation=None, interpret=False,
@@ -224,11 +225,13 @@ def _block_triton(x, fmt, s_t, interpret, block_m=32, blocks_per_tile=4):
     nb, bn = blocks_per_tile, blocks_per_tile * bs
     scale_dtype = jnp.uint8 if fmt.is_mx else F.E4M3.dtype
     codes_dtype = jnp.uint8 if per == 2 else elem.dtype
+    xp = R.pad_to(x, (block_m, bn))  # whole tiles only (registry.pad_to)
+    mp, np_ = xp.shape
     codes, scale = pl.pallas_call(
         functools.partial(_block_kernel, fmt=fmt, nb=nb),
-        out_shape=[jax.ShapeDtypeStruct((m, n // per), codes_dtype),
-                   jax.ShapeDtypeStruct((m, n // bs), scale_dtype)],  # fmt: skip
-        grid=(pl.cdiv(m, block_m), pl.cdiv(n, bn)),
+        out_shape=[jax.ShapeDtypeStruct((mp, np_ // per), codes_dtype),
+                   jax.ShapeDtypeStruct((mp, np_ // bs), scale_dtype)],  # fmt: skip
+        grid=(mp // block_m, np_ // bn),
         in_specs=[pl.BlockSpec((block_m, bn), lambda i, j: (i, j)),
                   pl.BlockSpec((1, 1), lambda i, j: (0, 0))],  # fmt: skip
         out_specs=[pl.BlockSpec((block_m, bn // per), lambda i, j: (i, j)),
@@ -236,7 +239,8 @@ def _block_triton(x, fmt, s_t, interpret, block_m=32, blocks_per_tile=4):
         compiler_params=plt.CompilerParams(num_warps=4, num_stages=1),
         interpret=interpret,
         name=f"jaxq_{fmt.name.lower()}_quantize",
-    )(x, jnp.reshape(s_t, (1, 1)).astype(jnp.float32))
+    )(xp, jnp.reshape(s_t, (1, 1)).astype(jnp.float32))
+    codes, scale = codes[:m, : n // per], scale[:m, : n // bs]
     if fmt.is_mx:
         scale = jax.lax.bitcast_convert_type(scale, fmt.scale_format.dtype)
     return codes, scale

@@ -32,10 +32,12 @@ import os
 from collections.abc import Callable
 
 import jax
+import jax.numpy as jnp
 
 __all__ = [
     "Implementation", "Kernel", "register", "kernels", "get", "choose", "table", "ENV",
     "platform", "jax_version", "gpu_compute_capability", "lower_for", "forced", "pallas_for",
+    "pad_to", "dividing_tile",
 ]  # fmt: skip
 
 ENV = "JAXQ_KERNELS"
@@ -227,6 +229,40 @@ def check_triton(impl: Implementation, min_cc: float, interpret: bool) -> str | 
 
 H100 = "NVIDIA H100 80GB HBM3"
 TPU_V5E = "TPU v5 lite"
+
+
+def pad_to(x, multiples):
+    """``x`` zero-padded at the end of each axis to a multiple of ``multiples[axis]``
+    (``None`` or 1: as it is); ``x`` itself when nothing needs padding.
+
+    Pallas's Triton backend neither masks nor bounds-checks a block that runs past the end
+    of its array: a partial tile reads past the end and, in a row-major array, writes the
+    columns beyond the last into the next row. Interpret mode pads such blocks, so its
+    tests cannot see this. The Triton kernels here therefore call ``pallas_call`` only on
+    whole tiles: they pad their operands with this and slice the results.
+
+    Example:
+        >>> pad_to(jnp.ones((5, 100)), (16, 64)).shape
+        (16, 128)
+    """
+    pads = [(0, -d % (mult or 1)) for d, mult in zip(x.shape, multiples, strict=True)]
+    return jnp.pad(x, pads) if any(p for _, p in pads) else x
+
+
+def dividing_tile(n: int, preferred: int, smallest: int = 16) -> int:
+    """The largest power-of-two tile from ``preferred`` down to ``smallest`` that divides
+    ``n``, else ``preferred`` (then the operand is padded: :func:`pad_to`).
+
+    Example:
+        >>> dividing_tile(96, 128), dividing_tile(100, 64), dividing_tile(4096, 128)
+        (32, 64, 128)
+    """
+    t = preferred
+    while t >= smallest:
+        if n % t == 0:
+            return t
+        t //= 2
+    return preferred
 
 
 def lower_for(fn: Callable, *args, target: str = "cuda", device_kind: str | None = None):

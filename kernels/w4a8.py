@@ -136,17 +136,22 @@ def _triton(x: QArray, w: QArray, cfg: Config, interpret: bool) -> jax.Array:
     step = _w_step(w)
     per_group = w.layout.kind == "block"
     bm = cfg.block_m or (16 if m <= 16 else 64)
-    bn = cfg.block_n or (64 if m <= 16 else 128)
+    bn = cfg.block_n or R.dividing_tile(n, 64 if m <= 16 else 128)
     codes = x.codes
     if codes.shape[1] % 2:  # odd K: a zero column meets the zero high nibble of the pad
         codes = jnp.pad(codes, ((0, 0), (0, 1)))
     xe, xo = codes[:, 0::2], codes[:, 1::2]
     sx = jnp.broadcast_to(x.scale.reshape(-1, 1), (m, 1)).astype(jnp.float32)
     sw = w.scale.T if per_group else w.scale.reshape(1, n)  # (G, N) or (1, N)
+    # whole tiles only (registry.pad_to): activation rows, and weight rows where no tile
+    # divides N
+    xe, xo, sx = (R.pad_to(a, (bm, None)) for a in (xe, xo, sx))
+    wc, sw = R.pad_to(w.codes, (bn, None)), R.pad_to(sw, (None, bn))
+    mp, np_ = xe.shape[0], wc.shape[0]
     return pl.pallas_call(
         functools.partial(_kernel, step=step, per_group=per_group),
-        out_shape=jax.ShapeDtypeStruct((m, n), jnp.float32),
-        grid=(pl.cdiv(m, bm), pl.cdiv(n, bn)),
+        out_shape=jax.ShapeDtypeStruct((mp, np_), jnp.float32),
+        grid=(mp // bm, np_ // bn),
         in_specs=[
             pl.BlockSpec((bm, kc), lambda i, j: (i, 0)),
             pl.BlockSpec((bm, kc), lambda i, j: (i, 0)),
@@ -158,7 +163,7 @@ def _triton(x: QArray, w: QArray, cfg: Config, interpret: bool) -> jax.Array:
         compiler_params=plt.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
         interpret=interpret,
         name="jaxq_w4a8",
-    )(xe, xo, w.codes, sx, sw.astype(jnp.float32))
+    )(xe, xo, wc, sx, sw.astype(jnp.float32))[:m, :n]
 
 
 def kernel_for(x, w, *, interpret: bool = False) -> str | None:

@@ -293,11 +293,18 @@ def _triton_2d(x, codes, scale, *, fmt_name, packed, block_k, groups, cfg, inter
     cdtype = x.dtype
     precision = jax.lax.Precision.HIGHEST if cdtype == jnp.float32 else None
     bm, bn, split = _tiles(m, n, total, cfg)
+    if not cfg.block_n:
+        bn = R.dividing_tile(n, bn)
     per_split = pl.cdiv(total, split)
+    # whole tiles only (registry.pad_to): activation rows, and weight rows where no tile
+    # divides N
+    xs = tuple(R.pad_to(xi, (bm, None)) for xi in xs)
+    codes, scale = R.pad_to(codes, (bn, None)), R.pad_to(scale, (bn, None))
+    mp, np_ = xs[0].shape[0], codes.shape[0]
     if per_group:
         s_arr, s_spec = scale, pl.BlockSpec((bn, scale.shape[1]), lambda i, j, s: (j, 0))
     else:
-        s_arr, s_spec = scale.reshape(1, n), pl.BlockSpec((1, bn), lambda i, j, s: (0, j))
+        s_arr, s_spec = scale.reshape(1, np_), pl.BlockSpec((1, bn), lambda i, j, s: (0, j))
     x_spec = pl.BlockSpec((bm, kc), lambda i, j, s: (i, 0))
     c_spec = pl.BlockSpec((bn, kc), lambda i, j, s: (j, 0))
     out_spec = pl.BlockSpec((None, bm, bn), lambda i, j, s: (s, i, j))
@@ -307,15 +314,16 @@ def _triton_2d(x, codes, scale, *, fmt_name, packed, block_k, groups, cfg, inter
     )  # fmt: skip
     partial = pl.pallas_call(
         kernel,
-        out_shape=jax.ShapeDtypeStruct((split, m, n), jnp.float32),
-        grid=(pl.cdiv(m, bm), pl.cdiv(n, bn), split),
+        out_shape=jax.ShapeDtypeStruct((split, mp, np_), jnp.float32),
+        grid=(mp // bm, np_ // bn, split),
         in_specs=[x_spec] * len(xs) + [c_spec, s_spec],
         out_specs=out_spec,
         compiler_params=plt.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
         interpret=interpret,
         name=f"jaxq_weight_only_{fmt_name}",
     )(*xs, codes, s_arr)
-    return partial[0] if split == 1 else jnp.sum(partial, axis=0)
+    out = partial[0] if split == 1 else jnp.sum(partial, axis=0)
+    return out[:m, :n]
 
 
 def _triton(x, w: QArray, cfg: Config, interpret: bool) -> jax.Array:

@@ -64,3 +64,30 @@ def random_qarray(fmt, group, shape, seed=0):
     scale = rng.uniform(0.01, 0.1, layout.scale_shape(shape)).astype(np.float32)
     return QArray(jnp.asarray(codes), jnp.asarray(scale), None, None, fmt, shape,
                   np.dtype(np.float32), layout).validate()  # fmt: skip
+
+
+def pallas_calls(fn, *args):
+    """The ``pallas_call`` equations of ``fn(*args)``'s jaxpr, nested ones included."""
+    def walk(jaxpr):
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "pallas_call":
+                yield eqn
+            for p in eqn.params.values():
+                for sub in p if isinstance(p, (tuple, list)) else (p,):
+                    inner = getattr(sub, "jaxpr", sub)
+                    if hasattr(inner, "eqns"):
+                        yield from walk(inner)
+
+    return list(walk(jax.make_jaxpr(fn)(*args).jaxpr))
+
+
+def partial_blocks(eqn) -> list[str]:
+    """The operands of a ``pallas_call`` whose block shape does not divide the array
+    (Pallas's Triton backend would read and write past such a block's edge)."""
+    bad = []
+    for bm in eqn.params["grid_mapping"].block_mappings:
+        sizes = [getattr(b, "block_size", 1) for b in bm.block_shape]
+        shape = tuple(bm.array_aval.shape)
+        if any(d % s for d, s in zip(shape, sizes, strict=True)):
+            bad.append(f"{shape} in blocks {tuple(sizes)}")
+    return bad
