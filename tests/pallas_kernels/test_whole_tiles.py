@@ -13,9 +13,9 @@ import functools
 import jax
 import jax.numpy as jnp
 import pytest
+from jaxq.kernels import fused_adam, fused_adam_4bit
 
 from jaxq import kernels
-from jaxq.kernels import fused_adam, fused_adam_4bit
 from jaxq.optim import maps
 
 from .common import pallas_calls, partial_blocks, random_qarray
