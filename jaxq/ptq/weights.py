@@ -23,8 +23,9 @@ through :func:`jaxq.ops.operand.matmul`, the same dispatch point as the training
 (FP8 and integer GEMMs on their codes, block-scaled GEMMs where available, dequantize
 otherwise), so a layer converted from a recipe computes exactly what the recipe's
 forward computes on the same weight. Weight-only products (float activations, packed
-INT4/NF4/E2M1, MXFP4/NVFP4 or INT8 weights) run :func:`jaxq.kernels.weight_only_matmul`'s kernel where
-one is available (GPU); elsewhere they take the path above unchanged.
+INT4/NF4/E2M1, MXFP4/NVFP4 or INT8 weights) run
+:func:`jaxq.kernels.weight_only_matmul`'s kernel where one is available (GPU); elsewhere
+they take the path above unchanged.
 """
 
 from __future__ import annotations
