@@ -1,9 +1,27 @@
 """Shared test setup: eight virtual CPU devices so sharding tests run in-process."""
 
+import atexit
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+# Compiling dominates this suite, and many tests compile the same programs (the same model,
+# step or quantizer in several tests and in both xdist workers). One run shares them through
+# JAX's persistent compilation cache in a fresh directory, keyed by the program's HLO, the
+# JAX version and the flags, so a hit is the program a compile would give. The controller
+# creates the directory before it starts the workers, which inherit it (as do the example
+# scripts the tests run), and removes it at exit. JAXQ_TEST_COMPILATION_CACHE=0 turns it off;
+# a JAX_COMPILATION_CACHE_DIR already set is used as it is (and kept).
+if os.environ.get("JAXQ_TEST_COMPILATION_CACHE", "1") != "0" and \
+        "JAX_COMPILATION_CACHE_DIR" not in os.environ:  # fmt: skip
+    _CACHE_DIR = tempfile.mkdtemp(prefix="jaxq-test-jit-")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE_DIR
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+    os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "-1"
+    atexit.register(shutil.rmtree, _CACHE_DIR, True)
 
 # Long runs (end-to-end training steps, many-variant compiles) that the first pass of
 # `make test` runs and the newest-JAX pass leaves out: they are marked `sweep` here, in one
