@@ -54,6 +54,7 @@ import numpy as np
 from jax.experimental import pallas as pl
 
 from jaxq import formats as F
+from jaxq.quantization.cast import e8m0_values
 from jaxq.quantization.qarray import QArray, dequantize
 
 from . import registry as R
@@ -125,8 +126,7 @@ def _float_scale(q: QArray) -> jax.Array:
     """A QArray's scale as float32 (an E8M0 scale as the power of two it encodes; NaN for
     the NaN code)."""
     if q.fmt == F.MXFP8:
-        bits = jax.lax.bitcast_convert_type(q.scale, jnp.uint8).astype(jnp.int32)
-        return jnp.where(bits == 255, jnp.nan, jnp.ldexp(jnp.float32(1), bits - 127))
+        return e8m0_values(jax.lax.bitcast_convert_type(q.scale, jnp.uint8))
     return q.scale.astype(jnp.float32)
 
 

@@ -57,7 +57,7 @@ import numpy as np
 from jax.experimental import pallas as pl
 
 from jaxq import formats as F
-from jaxq.quantization.cast import e4m3_values
+from jaxq.quantization.cast import e4m3_values, e8m0_values
 from jaxq.quantization.qarray import QArray, dequantize
 
 from . import registry as R
@@ -135,12 +135,7 @@ def decode_scales(bits: jax.Array, fmt_name: str) -> jax.Array:
     """float32 values of a block format's scale bytes (in-kernel integer arithmetic): E8M0
     ``2^{e - 127}`` (NaN for 255; ``2^-127``, a float32 subnormal, for 0) for MXFP4, E4M3
     for NVFP4; bit-identical to ``scale.astype(float32)``."""
-    b = bits.astype(jnp.int32)
-    if fmt_name == "nvfp4":
-        return e4m3_values(b)
-    v = jax.lax.bitcast_convert_type(b << 23, jnp.float32)
-    v = jnp.where(b == 0, np.float32(2.0**-127), v)
-    return jnp.where(b == 255, np.float32(np.nan), v)
+    return e4m3_values(bits) if fmt_name == "nvfp4" else e8m0_values(bits)
 
 
 def _fmt_name(w: QArray) -> str | None:

@@ -113,6 +113,23 @@ def e4m3_values(bits: jax.Array) -> jax.Array:
     return jnp.where(b >= u32(0x80), -val, val)
 
 
+def e8m0_values(bits: jax.Array) -> jax.Array:
+    """float32 values of E8M0 (``float8_e8m0fnu``) bit patterns, by integer arithmetic.
+
+    Byte ``e`` is ``2^{e - 127}``: the float32 pattern ``e << 23`` for ``e >= 1``, the
+    subnormal ``2^-127`` for 0, and NaN for 255. Exact for all 256 patterns, with no table
+    or ``exp2``, so it also runs inside Pallas kernels.
+
+    Example:
+        >>> e8m0_values(jnp.array([127, 130, 0, 255], jnp.uint8)).tolist()
+        [1.0, 8.0, 5.877471754111438e-39, nan]
+    """
+    b = bits.astype(jnp.int32)
+    v = jax.lax.bitcast_convert_type(b << 23, jnp.float32)
+    v = jnp.where(b == 0, np.float32(2.0**-127), v)
+    return jnp.where(b == 255, np.float32(np.nan), v)
+
+
 def float_magnitude(a: jax.Array, fmt: F.FloatFormat, rounding: Rounding, key) -> jax.Array:
     """Rounds non-negative finite ``a`` (float32) onto ``fmt``'s grid, before saturation."""
     if fmt.mantissa_bits == 0:  # E8M0: its exponent range exceeds float32's normal range
