@@ -15,7 +15,8 @@ all have a Pallas Triton implementation for NVIDIA GPUs:
   1×128 × 128×128 block scales, optionally with the output's amax;
 * :func:`cast_transpose` — FP8 codes of ``x`` and ``xᵀ`` and ``x``'s amax in one pass;
 * :func:`block_quantize` — MXFP8 / MXFP4 / NVFP4 block quantization, equal to
-  :func:`jaxq.quantize` bit for bit;
+  :func:`jaxq.quantize` bit for bit (both quantizers also as Pallas Mosaic TPU kernels,
+  :mod:`jaxq.kernels.fused_quantize_tpu`);
 * :func:`fused_adam.adam_update` — the 8-bit or FP8 Adam step (decode, update,
   re-encode per block) in one pass over the optimizer state, the ``implementation=None``
   of :func:`jaxq.optim.adamw_8bit` and :func:`jaxq.optim.adamw_fp8`;
@@ -30,15 +31,15 @@ name) and ``interpret=True`` to run its Pallas kernel in interpret mode on any p
 
 import jax
 
-from . import fused_adam, fused_adam_4bit, registry, weight_only_tpu
+from . import fused_adam, fused_adam_4bit, fused_quantize_tpu, registry, weight_only_tpu
 from .fp8_gemm import scaled_fp8_matmul
 from .fused_quantize import block_quantize, cast_transpose
 from .w4a8 import w4a8_matmul
 from .weight_only import weight_only_matmul
 
 __all__ = ["backend", "registry", "weight_only_matmul", "w4a8_matmul", "scaled_fp8_matmul",
-           "cast_transpose", "block_quantize", "weight_only_tpu", "fused_adam",
-           "fused_adam_4bit"]
+           "cast_transpose", "block_quantize", "weight_only_tpu", "fused_quantize_tpu",
+           "fused_adam", "fused_adam_4bit"]
 
 
 def backend() -> str:

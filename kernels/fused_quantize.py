@@ -92,9 +92,14 @@ def reference_block_quantize(x, fmt="mxfp8"):
     return quantize(x, _fmt(fmt, _BLOCK, "block_quantize"))
 
 
-def why_not(impl: R.Implementation, x, *, interpret=False, block=None) -> str | None:
-    """Why ``impl`` cannot quantize ``x`` here (``None``: it can)."""
-    reason = R.check_triton(impl, 8.0, interpret)
+def why_not(impl: R.Implementation, x, *, interpret=False, block=None, fmt=None) -> str | None:
+    """Why ``impl`` cannot quantize ``x`` (to ``fmt``) here (``None``: it can)."""
+    if impl.name == "mosaic_tpu":
+        from . import fused_quantize_tpu
+
+        reason = fused_quantize_tpu.why_not(x, fmt, interpret=interpret)
+    else:
+        reason = R.check_triton(impl, 8.0, interpret)
     if reason:
         return reason
     if block is not None and x.shape[1] % block:
@@ -153,9 +158,11 @@ def cast_transpose(x, fmt="e4m3", *, amax=None, implementation=None, interpret=F
         x: ``(M, N)`` float array.
         fmt: ``"e4m3"`` or ``"e5m2"`` (or the format object).
         amax: the clipping range (e.g. ``AmaxHistory.amax``); ``None``: ``x``'s own.
-        implementation: ``None``, ``"pallas"``, ``"triton"`` or ``"xla"``.
+        implementation: ``None``, ``"pallas"``, ``"triton"`` (GPU), ``"mosaic_tpu"`` (TPU,
+            :mod:`~jaxq.kernels.fused_quantize_tpu`) or ``"xla"``; with ``interpret=True``,
+            ``"pallas"`` picks the Triton kernel (name ``"mosaic_tpu"`` for the TPU one).
         interpret: run the Pallas kernel in interpret mode.
-        block: square tile of the kernel.
+        block: square tile of the Triton kernel.
 
     Returns:
         ``(q, qt, amax_x)``: ``q == jaxq.quantize(x, fmt, amax=amax)``, ``qt`` the same
@@ -168,12 +175,17 @@ def cast_transpose(x, fmt="e4m3", *, amax=None, implementation=None, interpret=F
     _check_x(x, "cast_transpose")
     fmt = _fmt(fmt, _FP8, "cast_transpose")
     impl = R.choose("cast_transpose", implementation,
-                    lambda i: why_not(i, x, interpret=interpret))  # fmt: skip
+                    lambda i: why_not(i, x, interpret=interpret, fmt=fmt))  # fmt: skip
     if impl == "xla":
         return reference_cast_transpose(x, fmt, amax=amax)
     a = _finite_amax(x) if amax is None else jnp.asarray(amax, jnp.float32)
     s = scale_for_amax(a, fmt.max)
-    codes, codes_t, amax_x = _ct_triton(x, fmt, s, block, interpret)
+    if impl == "mosaic_tpu":
+        from . import fused_quantize_tpu
+
+        codes, codes_t, amax_x = fused_quantize_tpu.cast_transpose(x, fmt, s, interpret)
+    else:
+        codes, codes_t, amax_x = _ct_triton(x, fmt, s, block, interpret)
     layout, dt = Layout("tensor"), np.dtype(x.dtype)
     q = QArray(codes, s, None, None, fmt, tuple(x.shape), dt, layout)
     qt = QArray(codes_t, s, None, None, fmt, tuple(x.shape[::-1]), dt, layout)
@@ -252,7 +264,7 @@ def block_quantize(x, fmt="mxfp8", *, implementation=None, interpret=False):
     Args:
         x: ``(M, N)`` float array, ``N`` a multiple of the format's block (32 or 16).
         fmt: ``"mxfp8"``, ``"mxfp4"`` or ``"nvfp4"`` (or the format object).
-        implementation: ``None``, ``"pallas"``, ``"triton"`` or ``"xla"``.
+        implementation: as for :func:`cast_transpose`.
         interpret: run the Pallas kernel in interpret mode.
 
     Returns:
@@ -269,27 +281,34 @@ def block_quantize(x, fmt="mxfp8", *, implementation=None, interpret=False):
         raise ValueError(f"block_quantize: {fmt.name} blocks of {fmt.block_size} do not divide "
                          f"the last axis of x, shape {tuple(x.shape)}")  # fmt: skip
     impl = R.choose("block_quantize", implementation,
-                    lambda i: why_not(i, x, interpret=interpret, block=fmt.block_size))
+                    lambda i: why_not(i, x, interpret=interpret, block=fmt.block_size, fmt=fmt))
     if impl == "xla":
         return reference_block_quantize(x, fmt)
     ts = None
     s_t = jnp.float32(1.0)
     if fmt.tensor_scale:
         s_t = ts = scale_for_amax(_finite_amax(x), _NVFP4_DENOM).astype(jnp.float32)
-    codes, scale = _block_triton(x, fmt, s_t, interpret)
+    if impl == "mosaic_tpu":
+        from . import fused_quantize_tpu
+
+        codes, scale = fused_quantize_tpu.block_quantize(x, fmt, s_t, interpret)
+    else:
+        codes, scale = _block_triton(x, fmt, s_t, interpret)
     return QArray(codes, scale, None, ts, fmt, tuple(x.shape), np.dtype(x.dtype),
                   Layout("block", (1,), fmt.block_size)).validate()  # fmt: skip
 
 
 _REQ = "NVIDIA GPU, compute capability >= 8.0"
+_BLOCKS = "MXFP8/MXFP4/NVFP4, the last axis a multiple of the block"
 R.register(R.Kernel(
     name="cast_transpose", module=__name__, reference=reference_cast_transpose,
-    implementations=(R.Implementation("triton", ("gpu",), _REQ + "; E4M3/E5M2"), R.XLA),
+    implementations=(R.Implementation("triton", ("gpu",), _REQ + "; E4M3/E5M2"),
+                     R.Implementation("mosaic_tpu", ("tpu",), "TPU; E4M3/E5M2"), R.XLA),
     tolerance="bit-identical codes, scale and amax (NaN codes equal as NaN)",
 ))  # fmt: skip
 R.register(R.Kernel(
     name="block_quantize", module=__name__, reference=reference_block_quantize,
-    implementations=(R.Implementation("triton", ("gpu",), _REQ + "; MXFP8/MXFP4/NVFP4, "
-                                      "the last axis a multiple of the block"), R.XLA),
+    implementations=(R.Implementation("triton", ("gpu",), _REQ + "; " + _BLOCKS),
+                     R.Implementation("mosaic_tpu", ("tpu",), "TPU; " + _BLOCKS), R.XLA),
     tolerance="bit-identical codes and scales",
 ))  # fmt: skip

@@ -89,6 +89,15 @@ CASES = {
     "block_quantize nvfp4 5x48": lambda: (functools.partial(
         kernels.block_quantize, fmt="nvfp4", implementation="triton", interpret=True),
         (jnp.ones((5, 48)),)),
+    "cast_transpose mosaic_tpu 37x300": lambda: (functools.partial(
+        kernels.cast_transpose, fmt="e5m2", implementation="mosaic_tpu", interpret=True),
+        (jnp.ones((37, 300)),)),
+    "block_quantize mxfp4 mosaic_tpu 37x4160": lambda: (functools.partial(
+        kernels.block_quantize, fmt="mxfp4", implementation="mosaic_tpu", interpret=True),
+        (jnp.ones((37, 4160)),)),
+    "block_quantize nvfp4 mosaic_tpu 5x48": lambda: (functools.partial(
+        kernels.block_quantize, fmt="nvfp4", implementation="mosaic_tpu", interpret=True),
+        (jnp.ones((5, 48)),)),
     "adam 8-bit, 15 rows": lambda: _adam(15, 512, 256),
     "adam 4-bit, 21 rows": lambda: _adam(21, 256, 128, four_bit=True),
 }  # fmt: skip
