@@ -95,6 +95,12 @@ def gpu_rows(repeats: int) -> list[tuple[str, str, float, float]]:
     rows.append(("blockwise FP8 1x128 x 128x128, 8192^3", "bf16 dot",
                  timeit(fp8, a, b, repeats=repeats),
                  timeit(bf16_dot, a_bf, b_bf, repeats=repeats)))  # fmt: skip
+    fp4 = jax.jit(lambda a, b: kernels.fp4_matmul(a, b, implementation="pallas"))
+    for fmt in ("mxfp4", "nvfp4"):
+        a4 = jaxq.quantize(_normal(3, (s, s)), fmt)
+        b4 = jaxq.quantize(_normal(4, (s, s)), fmt)
+        rows.append((f"{fmt} x {fmt}, 8192^3", "bf16 dot", timeit(fp4, a4, b4, repeats=repeats),
+                     timeit(bf16_dot, a_bf, b_bf, repeats=repeats)))  # fmt: skip
     x = _normal(5, (s, s), jnp.bfloat16)
     copy = jax.jit(lambda x: (x + 0).T + 0)
     ct = jax.jit(lambda x: kernels.cast_transpose(x, "e4m3", amax=jnp.float32(4.0),

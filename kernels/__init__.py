@@ -13,6 +13,8 @@ all have a Pallas Triton implementation for NVIDIA GPUs:
 * :func:`w4a8_matmul` — E4M3 activations × packed INT4 weights (FireQ's W4A8);
 * :func:`scaled_fp8_matmul` — FP8 × FP8 with per-row/per-column scales or DeepSeek-V3's
   1×128 × 128×128 block scales, optionally with the output's amax;
+* :func:`fp4_matmul` — MXFP4 × MXFP4 or NVFP4 × NVFP4: block scales decoded in registers,
+  bfloat16 MMAs (Hopper has no FP4 or block-scaled MMA);
 * :func:`cast_transpose` — FP8 codes of ``x`` and ``xᵀ`` and ``x``'s amax in one pass;
 * :func:`block_quantize` — MXFP8 / MXFP4 / NVFP4 block quantization, equal to
   :func:`jaxq.quantize` bit for bit (both quantizers also as Pallas Mosaic TPU kernels,
@@ -32,14 +34,15 @@ name) and ``interpret=True`` to run its Pallas kernel in interpret mode on any p
 import jax
 
 from . import fused_adam, fused_adam_4bit, fused_quantize_tpu, registry, weight_only_tpu
+from .fp4_gemm import fp4_matmul
 from .fp8_gemm import scaled_fp8_matmul
 from .fused_quantize import block_quantize, cast_transpose
 from .w4a8 import w4a8_matmul
 from .weight_only import weight_only_matmul
 
 __all__ = ["backend", "registry", "weight_only_matmul", "w4a8_matmul", "scaled_fp8_matmul",
-           "cast_transpose", "block_quantize", "weight_only_tpu", "fused_quantize_tpu",
-           "fused_adam", "fused_adam_4bit"]
+           "fp4_matmul", "cast_transpose", "block_quantize", "weight_only_tpu",
+           "fused_quantize_tpu", "fused_adam", "fused_adam_4bit"]
 
 
 def backend() -> str:

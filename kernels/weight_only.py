@@ -63,7 +63,7 @@ from jaxq.quantization.qarray import QArray, dequantize
 from . import registry as R
 
 __all__ = ["weight_only_matmul", "reference", "Config", "why_not", "decode_nibbles",
-           "decode_scales", "kernel_for"]
+           "decode_scales", "step_scales", "kernel_for"]
 
 _ACT_DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
 _FORMATS = {"int4": F.INT4, "nf4": F.NF4, "e2m1": F.E2M1, "int8": F.INT8,
@@ -218,7 +218,7 @@ def why_not(impl: R.Implementation, x, w: QArray, *, interpret: bool = False) ->
 # ----------------------------------------------------------------------------- kernel
 
 
-def _group_scale(s_ref, i, fmt_name, groups, step):
+def step_scales(s_ref, i, fmt_name, groups, step):
     """The scales of step ``i``'s ``groups`` groups, as float32 ``(block_n, 1)`` or, for two
     groups, ``(block_n, step)`` (each group's scale over its half of the step's bytes)."""
     def load(j):
@@ -244,7 +244,7 @@ def _kernel(*refs, nx, fmt_name, step, per_group, groups, total, per_split, cdty
             planes = (decode_nibbles(c & 15, fmt_name), decode_nibbles(c >> 4, fmt_name))
         else:
             planes = (c.astype(jnp.float32),)
-        s = _group_scale(s_ref, i, fmt_name, groups, step) if per_group else None
+        s = step_scales(s_ref, i, fmt_name, groups, step) if per_group else None
         for x_ref, wv in zip(x_refs, planes, strict=True):
             if per_group:
                 wv = wv * s

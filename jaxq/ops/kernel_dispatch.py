@@ -17,6 +17,8 @@ are stored as per-row K-blocks)                partial sum)
 MXFP8 × MXFP8 blocked along K (the forward     :func:`jaxq.kernels.scaled_fp8_matmul`
 and input-gradient products; Hopper:           (32-wide partial sums scaled by ``2^e``)
 Blackwell takes ``jax.nn.scaled_matmul``)
+MXFP4 × MXFP4 or NVFP4 × NVFP4 blocked along   :func:`jaxq.kernels.fp4_matmul` (scaled
+K (Hopper; Blackwell as above)                 elements exact in bfloat16 MMAs)
 =============================================  ==========================================
 
 A kernel runs only where there is a single device (a Pallas call is not partitioned across
@@ -24,8 +26,7 @@ devices; interpret mode excepted) and, for the FP8 and W4A8 kernels, for a batch
 1 (a plain ``Dense``/``Linear`` product). Each kernel's availability check decides the
 rest (platform, GPU generation, shapes); on CPU nothing changes. The results agree with
 the XLA path within each kernel's stated tolerance (:func:`jaxq.kernels.registry.table`).
-The other backward products, products with both operands in MXFP4/NVFP4 and the
-quantizers stay on XLA for now.
+The other backward products and the quantizers stay on XLA for now.
 
 The environment variable ``JAXQ_KERNELS`` steers it: ``xla`` keeps every product on XLA;
 ``interpret`` runs the kernels in Pallas interpret mode on any platform, which tests the
@@ -44,7 +45,7 @@ from __future__ import annotations
 
 import jax
 
-from jaxq.kernels import fp8_gemm, registry, w4a8, weight_only
+from jaxq.kernels import fp4_gemm, fp8_gemm, registry, w4a8, weight_only
 from jaxq.quantization.qarray import Layout, QArray
 
 __all__ = ["kernel_product", "interpret_requested"]
@@ -92,4 +93,7 @@ def kernel_product(a, b) -> jax.Array | None:
     impl = w4a8.kernel_for(a2, b2, interpret=interpret)
     if impl is not None:
         return w4a8.w4a8_matmul(a2, b2, implementation=impl, interpret=interpret)[None]
+    impl = fp4_gemm.kernel_for(a2, b2, interpret=interpret)
+    if impl is not None:
+        return fp4_gemm.fp4_matmul(a2, b2, implementation=impl, interpret=interpret)[None]
     return None

@@ -31,8 +31,13 @@ CASES = {
     "fp8_blockwise": (R.FP8Blockwise(), "jaxq_fp8_blockwise"),
     # MXFP8, forward and input gradient (MX x MX along K): the FP8 GEMM's 32-wide steps
     "mxfp8": (R.MXFP8(), "jaxq_fp8_mx"),
+    # MXFP4 on both operands: the FP4 GEMM (scaled elements exact in bfloat16 MMAs);
+    # NVFP4 with 1x16 weight blocks likewise (its 16x16 weight blocks have no kernel yet)
+    "mxfp4": (R.MXFP4(stochastic_rounding_grads=False), "jaxq_fp4_mxfp4"),
+    "nvfp4": (R.NVFP4(random_hadamard=False, stochastic_rounding_grads=False,
+                      weight_blocks_2d=False), "jaxq_fp4_nvfp4"),
 }
-BACKWARD_ON_KERNELS = {"mxfp8"}
+BACKWARD_ON_KERNELS = {"mxfp8", "mxfp4", "nvfp4"}
 
 
 def _operands(seed=0):

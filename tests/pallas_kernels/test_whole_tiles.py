@@ -30,17 +30,21 @@ def _weight_only(fmt, group, m, n, k, batch=()):
                              interpret=True), (x, w)  # fmt: skip
 
 
-def _block_fp4(fmt, m, n, k):
+def _fp4_operand(fmt, rows, k):
     from jaxq import formats as F
     from jaxq.quantization.qarray import Layout, QArray
 
     f = F.get(fmt)
-    scale = jnp.ones((n, k // f.block_size), f.scale_format.dtype)
-    w = QArray(jnp.zeros((n, k // 2), jnp.uint8), scale, None,
-               jnp.float32(1.0) if f.tensor_scale else None, f, (n, k), jnp.dtype("float32"),
-               Layout("block", (1,), f.block_size))  # fmt: skip
+    scale = jnp.ones((rows, k // f.block_size), f.scale_format.dtype)
+    return QArray(jnp.zeros((rows, k // 2), jnp.uint8), scale, None,
+                  jnp.float32(1.0) if f.tensor_scale else None, f, (rows, k),
+                  jnp.dtype("float32"), Layout("block", (1,), f.block_size))  # fmt: skip
+
+
+def _block_fp4(fmt, m, n, k):
     return functools.partial(kernels.weight_only_matmul, implementation="triton",
-                             interpret=True), (jnp.ones((m, k), jnp.bfloat16), w)  # fmt: skip
+                             interpret=True), (jnp.ones((m, k), jnp.bfloat16),
+                                               _fp4_operand(fmt, n, k))  # fmt: skip
 
 
 def _fp8(mode, m, n, k):
@@ -48,6 +52,11 @@ def _fp8(mode, m, n, k):
     a, b = random_qarray("e4m3", group, (m, k), 1), random_qarray("e4m3", group, (n, k), 2)
     return functools.partial(kernels.scaled_fp8_matmul, with_amax=True, implementation="triton",
                              interpret=True), (a, b)  # fmt: skip
+
+
+def _fp4(fmt, m, n, k):
+    return functools.partial(kernels.fp4_matmul, implementation="triton", interpret=True), (
+        _fp4_operand(fmt, m, k), _fp4_operand(fmt, n, k))
 
 
 def _w4a8(m, n, k, group):
@@ -79,6 +88,8 @@ CASES = {
     "fp8 rowwise, M=20 N=70": lambda: _fp8("rowwise", 20, 70, 384),
     "fp8 blockwise, M=33 N=200": lambda: _fp8("blockwise", 33, 200, 256),
     "w4a8 rows, M=5 N=100": lambda: _w4a8(5, 100, 128, None),
+    "fp4 mxfp4, M=5 N=100": lambda: _fp4("mxfp4", 5, 100, 96),
+    "fp4 nvfp4, M=300 N=72": lambda: _fp4("nvfp4", 300, 72, 64),
     "w4a8 g128, M=300 N=72": lambda: _w4a8(300, 72, 256, 128),
     "cast_transpose 37x100": lambda: (functools.partial(
         kernels.cast_transpose, implementation="triton", interpret=True),
