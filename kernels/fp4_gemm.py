@@ -41,7 +41,6 @@ Example:
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 import jax
@@ -49,7 +48,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from jaxq import formats as F
-from jaxq.quantization.qarray import QArray, dequantize
+from jaxq.quantization.qarray import QArray
 
 from . import registry as R
 from .weight_only import decode_nibbles, step_scales
@@ -60,29 +59,12 @@ _FORMATS = {F.MXFP4: "mxfp4", F.NVFP4: "nvfp4"}
 _STEP = 16  # bytes of K per kernel step: 32 elements, one MXFP4 block or two NVFP4 blocks
 
 
-@dataclasses.dataclass(frozen=True)
-class Config:
-    """Tiling of the Triton kernel (``None``: chosen from the shapes).
-
-    Attributes:
-        block_m: rows of ``a`` per program (at least 16).
-        block_n: rows of ``b`` (output columns) per program.
-        num_warps: Triton warps per program.
-        num_stages: Triton software-pipelining stages.
-    """
-
-    block_m: int | None = None
-    block_n: int | None = None
-    num_warps: int = 4
-    num_stages: int = 3
+Config = R.GemmConfig  # tiling of the Triton kernel
 
 
 def reference(a: QArray, b: QArray) -> jax.Array:
     """``deq(a) · deq(b)ᵀ`` in float32 at the highest precision (the XLA implementation)."""
-    return jax.lax.dot_general(
-        dequantize(a, jnp.float32), dequantize(b, jnp.float32), (((1,), (1,)), ((), ())),
-        precision=jax.lax.Precision.HIGHEST, preferred_element_type=jnp.float32,
-    )  # fmt: skip
+    return R.dequantized_product(a, b)
 
 
 def _check_args(a, b) -> None:

@@ -45,7 +45,6 @@ Example:
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 import jax
@@ -55,7 +54,7 @@ from jax.experimental import pallas as pl
 
 from jaxq import formats as F
 from jaxq.quantization.cast import e8m0_values
-from jaxq.quantization.qarray import QArray, dequantize
+from jaxq.quantization.qarray import QArray
 
 from . import registry as R
 
@@ -67,14 +66,7 @@ _STEP = {"blockwise": 128, "mx": 32}
 _OUT = (np.dtype(jnp.float32), np.dtype(jnp.bfloat16))
 
 
-@dataclasses.dataclass(frozen=True)
-class Config:
-    """Tiling of the Triton kernel (``None``: chosen from the shapes)."""
-
-    block_m: int | None = None
-    block_n: int | None = None
-    num_warps: int = 4
-    num_stages: int = 3
+Config = R.GemmConfig  # tiling of the Triton kernel
 
 
 def expand_block_scales(scale: jax.Array, n: int, block: int = 128) -> jax.Array:
@@ -95,10 +87,7 @@ def _finite_amax(y: jax.Array) -> jax.Array:
 
 def reference(a: QArray, b: QArray, *, out_dtype=jnp.float32, with_amax: bool = False):
     """The dequantized product in float32 at the highest precision (the XLA path)."""
-    y = jax.lax.dot_general(
-        dequantize(a, jnp.float32), dequantize(b, jnp.float32), (((1,), (1,)), ((), ())),
-        precision=jax.lax.Precision.HIGHEST, preferred_element_type=jnp.float32,
-    )  # fmt: skip
+    y = R.dequantized_product(a, b)
     out = y.astype(out_dtype)
     return (out, _finite_amax(y)) if with_amax else out
 

@@ -37,7 +37,7 @@ import jax.numpy as jnp
 __all__ = [
     "Implementation", "Kernel", "register", "kernels", "get", "choose", "table", "ENV",
     "platform", "jax_version", "gpu_compute_capability", "lower_for", "forced", "pallas_for",
-    "pad_to", "dividing_tile",
+    "pad_to", "dividing_tile", "GemmConfig", "dequantized_product",
 ]  # fmt: skip
 
 ENV = "JAXQ_KERNELS"
@@ -229,6 +229,34 @@ def check_triton(impl: Implementation, min_cc: float, interpret: bool) -> str | 
 
 H100 = "NVIDIA H100 80GB HBM3"
 TPU_V5E = "TPU v5 lite"
+
+
+@dataclasses.dataclass(frozen=True)
+class GemmConfig:
+    """Tiling of a GEMM kernel's Triton implementation (``None``: chosen from the shapes).
+
+    Attributes:
+        block_m: rows of the first operand per program (at least 16).
+        block_n: rows of the second operand (output columns) per program.
+        num_warps: Triton warps per program.
+        num_stages: Triton software-pipelining stages.
+    """
+
+    block_m: int | None = None
+    block_n: int | None = None
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+def dequantized_product(a, b) -> jax.Array:
+    """``deq(a) · deq(b)ᵀ`` of two 2-D QArrays ``(M, K)``, ``(N, K)`` in float32 at the
+    highest precision: the XLA path of the QArray × QArray GEMM kernels."""
+    from jaxq.quantization.qarray import dequantize
+
+    return jax.lax.dot_general(
+        dequantize(a, jnp.float32), dequantize(b, jnp.float32), (((1,), (1,)), ((), ())),
+        precision=jax.lax.Precision.HIGHEST, preferred_element_type=jnp.float32,
+    )  # fmt: skip
 
 
 def pad_to(x, multiples):

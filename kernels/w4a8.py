@@ -31,7 +31,6 @@ Example:
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 import jax
@@ -39,29 +38,19 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from jaxq import formats as F
-from jaxq.quantization.qarray import QArray, dequantize
+from jaxq.quantization.qarray import QArray
 
 from . import registry as R
 
 __all__ = ["w4a8_matmul", "reference", "Config", "why_not", "kernel_for"]
 
 
-@dataclasses.dataclass(frozen=True)
-class Config:
-    """Tiling of the Triton kernel (``None``: chosen from the shapes)."""
-
-    block_m: int | None = None
-    block_n: int | None = None
-    num_warps: int = 4
-    num_stages: int = 3
+Config = R.GemmConfig  # tiling of the Triton kernel
 
 
 def reference(x: QArray, w: QArray) -> jax.Array:
     """The dequantized product in float32 at the highest precision (the XLA path)."""
-    return jax.lax.dot_general(
-        dequantize(x, jnp.float32), dequantize(w, jnp.float32), (((1,), (1,)), ((), ())),
-        precision=jax.lax.Precision.HIGHEST, preferred_element_type=jnp.float32,
-    )  # fmt: skip
+    return R.dequantized_product(x, w)
 
 
 def _check_args(x, w) -> None:
