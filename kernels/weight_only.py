@@ -262,7 +262,8 @@ def _kernel(*refs, nx, fmt_name, step, per_group, groups, total, per_split, cdty
 
 def _tiles(m: int, n: int, total: int, cfg: Config) -> tuple[int, int, int]:
     bm = cfg.block_m or (16 if m <= 16 else 32 if m <= 32 else 64)
-    bn = cfg.block_n or (64 if m <= 16 else 128)
+    # a tile that divides N where one does, so that the weight is never padded
+    bn = cfg.block_n or R.dividing_tile(n, 64 if m <= 16 else 128)
     if cfg.split_k:
         split = cfg.split_k
     elif m <= 16:  # decode: enough programs to fill ~132 SMs twice
@@ -288,8 +289,6 @@ def _triton_2d(x, codes, scale, *, fmt_name, packed, block_k, groups, cfg, inter
     cdtype = x.dtype
     precision = jax.lax.Precision.HIGHEST if cdtype == jnp.float32 else None
     bm, bn, split = _tiles(m, n, total, cfg)
-    if not cfg.block_n:
-        bn = R.dividing_tile(n, bn)
     per_split = pl.cdiv(total, split)
     # whole tiles only (registry.pad_to): activation rows, and weight rows where no tile
     # divides N

@@ -66,6 +66,17 @@ def random_qarray(fmt, group, shape, seed=0):
                   np.dtype(np.float32), layout).validate()  # fmt: skip
 
 
+def assert_same_state(got, want):
+    """An Adam update's ``(u, *state)``: the state bit for bit (every leaf), and ``u`` finite
+    and within ``1e-6 · max(1, |u|)`` of ``want``'s (the fused kernels' stated tolerance)."""
+    for a, b in zip(jax.tree.leaves(got[1:]), jax.tree.leaves(want[1:]), strict=True):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        np.testing.assert_array_equal(np.ravel(a).view(np.uint8), np.ravel(b).view(np.uint8))
+    u, ref = np.asarray(got[0], np.float64), np.asarray(want[0], np.float64)
+    assert np.isfinite(u).all()
+    np.testing.assert_array_less(np.abs(u - ref), 1e-6 * np.maximum(1.0, np.abs(ref)) + 1e-30)
+
+
 def pallas_calls(fn, *args):
     """The ``pallas_call`` equations of ``fn(*args)``'s jaxpr, nested ones included."""
     def walk(jaxpr):

@@ -13,7 +13,7 @@ from jaxq import optim
 from jaxq.optim import codecs as cd
 from jaxq.optim import engine, maps
 
-from .common import lower_or_skip
+from .common import assert_same_state, lower_or_skip
 
 KW = dict(m_map=maps.SIGNED8, v_map=maps.UNSIGNED8)
 
@@ -67,13 +67,6 @@ def _xla(g, mc, ms, vc, vs, count, strategy, fp8):
     return u, as_u8(mm.codes), mm.absmax, as_u8(vv.codes), vv.absmax
 
 
-def _same_state(got, want):
-    for a, b in zip(got[1:], want[1:], strict=True):
-        assert a.dtype == b.dtype and a.shape == b.shape
-        np.testing.assert_array_equal(np.ravel(a).view(np.uint8), np.ravel(b).view(np.uint8))
-    u, ref = np.asarray(got[0], np.float64), np.asarray(want[0], np.float64)
-    assert np.isfinite(u).all()
-    np.testing.assert_array_less(np.abs(u - ref), 1e-6 * np.maximum(1.0, np.abs(ref)) + 1e-30)
 
 
 @pytest.mark.parametrize("rows,n,bs,scale_dtype,g_dtype,fp8", [
@@ -92,7 +85,7 @@ def test_kernel_equals_the_optimizer_xla_step(rows, n, bs, scale_dtype, g_dtype,
     got = kernel(g, mc, ms, vc, vs, hyper)
     for strategy in ("plain", "recompute"):
         want = jax.jit(_xla, static_argnums=(5, 6, 7))(g, mc, ms, vc, vs, count, strategy, fp8)
-        _same_state(got, want)
+        assert_same_state(got, want)
     if fp8:  # a positive second moment never rounds to 0 (the subnormal 1 instead)
         v = np.asarray(got[3])
         assert (v[:, bs:] == 1).any() and not (v >= 0x80).any()

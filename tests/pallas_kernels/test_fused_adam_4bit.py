@@ -13,7 +13,7 @@ from jaxq import optim
 from jaxq.optim import adam, engine, maps
 from jaxq.optim import codecs as cd
 
-from .common import lower_or_skip
+from .common import assert_same_state, lower_or_skip
 
 KW = dict(m_map=maps.SIGNED4, v_map=maps.LINEAR4)
 # Betas whose products with the moments are exact, for gradients and old scales of 12
@@ -104,13 +104,6 @@ def _near(got, want):
     np.testing.assert_allclose(got[0], want[0], rtol=1e-6, atol=1e-6)
 
 
-def _same(got, want):
-    for a, b in zip(jax.tree.leaves(got[1:]), jax.tree.leaves(want[1:]), strict=True):
-        assert a.dtype == b.dtype and a.shape == b.shape
-        np.testing.assert_array_equal(np.ravel(a).view(np.uint8), np.ravel(b).view(np.uint8))
-    u, ref = np.asarray(got[0], np.float64), np.asarray(want[0], np.float64)
-    assert np.isfinite(u).all()
-    np.testing.assert_array_less(np.abs(u - ref), 1e-6 * np.maximum(1.0, np.abs(ref)) + 1e-30)
 
 
 @pytest.mark.parametrize("shape,bs,scale_dtype,g_dtype,rank1", [
@@ -129,7 +122,7 @@ def test_kernel_equals_the_optimizer_xla_step(shape, bs, scale_dtype, g_dtype, r
     assert jaxpr.count("pallas_call") == (2 if rank1 else 1)
     got = _run(g, states, bs, scale_dtype, "plain", True, EXACT)
     for strategy in ("plain", "recompute"):
-        _same(got, _run(g, states, bs, scale_dtype, strategy, False, EXACT))
+        assert_same_state(got, _run(g, states, bs, scale_dtype, strategy, False, EXACT))
     # the non-finite rule: no update; a huge gradient is clipped, not dropped
     u = _rows(np.asarray(got[0]), shape)
     assert u[0, 3] == u[1, 5] == u[2, 7] == 0.0
