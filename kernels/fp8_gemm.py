@@ -141,6 +141,10 @@ def _step(k: int) -> int | None:
 
 def why_not(impl: R.Implementation, a: QArray, b: QArray, *, interpret=False) -> str | None:
     """Why ``impl`` cannot multiply these operands here (``None``: it can)."""
+    if impl.name == "mosaic_gpu":
+        from . import fp8_gemm_mosaic
+
+        return fp8_gemm_mosaic.why_not(a, b) or R.check_mosaic_gpu(impl, 9.0, interpret)
     reason = R.check_triton(impl, 8.9, interpret)
     if reason:
         return reason
@@ -254,9 +258,10 @@ def scaled_fp8_matmul(
         b: ``(N, K)`` E4M3/E5M2 QArray with the matching kind of scales.
         out_dtype: float32 or bfloat16.
         with_amax: also return the finite ``max |y|`` (float32 scalar).
-        implementation: ``None``, ``"pallas"``, ``"triton"`` or ``"xla"``.
+        implementation: ``None``, ``"pallas"``, ``"mosaic_gpu"`` (Hopper GPU, JAX >= 0.12,
+            :mod:`~jaxq.kernels.fp8_gemm_mosaic`), ``"triton"`` or ``"xla"``.
         interpret: run the Pallas kernel in interpret mode.
-        config: tiling of the Triton kernel.
+        config: tiling of the Triton kernel (``block_n`` also of the Mosaic GPU kernel).
 
     Returns:
         ``y`` of shape ``(M, N)``, or ``(y, amax)``.
@@ -271,6 +276,11 @@ def scaled_fp8_matmul(
                     lambda i: why_not(i, a, b, interpret=interpret))  # fmt: skip
     if impl == "xla":
         return reference(a, b, out_dtype=out_dtype, with_amax=with_amax)
+    if impl == "mosaic_gpu":
+        from . import fp8_gemm_mosaic
+
+        block_n = config.block_n if config else None
+        return fp8_gemm_mosaic.matmul(a, b, out_dtype, with_amax, interpret, block_n)
     return _triton(a, b, np.dtype(out_dtype), with_amax, config or Config(), interpret)
 
 
@@ -279,6 +289,9 @@ R.register(R.Kernel(
     module=__name__,
     reference=reference,
     implementations=(
+        R.Implementation("mosaic_gpu", ("gpu",), "NVIDIA GPU, compute capability >= 9.0 "
+                         "(Hopper wgmma), JAX >= 0.12; K a multiple of 32 (rowwise, MXFP8) "
+                         "or 128 (blockwise)"),
         R.Implementation("triton", ("gpu",), "NVIDIA GPU, compute capability >= 8.9 (FP8 "
                          "tensor cores); K a multiple of 32 (rowwise, MXFP8) or 128 "
                          "(blockwise)"),

@@ -98,6 +98,8 @@ def why_not(impl: R.Implementation, x, *, interpret=False, block=None, fmt=None)
         from . import fused_quantize_tpu
 
         reason = fused_quantize_tpu.why_not(x, fmt, interpret=interpret)
+    elif impl.name == "mosaic_gpu":
+        reason = R.check_mosaic_gpu(impl, 9.0, interpret)
     else:
         reason = R.check_triton(impl, 8.0, interpret)
     if reason:
@@ -158,11 +160,14 @@ def cast_transpose(x, fmt="e4m3", *, amax=None, implementation=None, interpret=F
         x: ``(M, N)`` float array.
         fmt: ``"e4m3"`` or ``"e5m2"`` (or the format object).
         amax: the clipping range (e.g. ``AmaxHistory.amax``); ``None``: ``x``'s own.
-        implementation: ``None``, ``"pallas"``, ``"triton"`` (GPU), ``"mosaic_tpu"`` (TPU,
-            :mod:`~jaxq.kernels.fused_quantize_tpu`) or ``"xla"``; with ``interpret=True``,
-            ``"pallas"`` picks the Triton kernel (name ``"mosaic_tpu"`` for the TPU one).
+        implementation: ``None``, ``"pallas"``, ``"mosaic_gpu"`` (Hopper GPU, JAX >= 0.12,
+            :mod:`~jaxq.kernels.fused_quantize_mosaic`), ``"triton"`` (GPU), ``"mosaic_tpu"``
+            (TPU, :mod:`~jaxq.kernels.fused_quantize_tpu`) or ``"xla"``; with
+            ``interpret=True``, ``"pallas"`` picks the Mosaic GPU kernel on JAX >= 0.12 and
+            the Triton kernel before (name ``"mosaic_tpu"`` for the TPU one).
         interpret: run the Pallas kernel in interpret mode.
-        block: square tile of the Triton kernel.
+        block: square tile of the Triton kernel (of the Mosaic GPU kernel when 64 or 128,
+            else 64 there).
 
     Returns:
         ``(q, qt, amax_x)``: ``q == jaxq.quantize(x, fmt, amax=amax)``, ``qt`` the same
@@ -184,6 +189,11 @@ def cast_transpose(x, fmt="e4m3", *, amax=None, implementation=None, interpret=F
         from . import fused_quantize_tpu
 
         codes, codes_t, amax_x = fused_quantize_tpu.cast_transpose(x, fmt, s, interpret)
+    elif impl == "mosaic_gpu":
+        from . import fused_quantize_mosaic as fqm
+
+        tile = block if block in fqm.BLOCKS else 64
+        codes, codes_t, amax_x = fqm.cast_transpose(x, fmt, s, interpret, tile)
     else:
         codes, codes_t, amax_x = _ct_triton(x, fmt, s, block, interpret)
     layout, dt = Layout("tensor"), np.dtype(x.dtype)
@@ -302,7 +312,9 @@ _REQ = "NVIDIA GPU, compute capability >= 8.0"
 _BLOCKS = "MXFP8/MXFP4/NVFP4, the last axis a multiple of the block"
 R.register(R.Kernel(
     name="cast_transpose", module=__name__, reference=reference_cast_transpose,
-    implementations=(R.Implementation("triton", ("gpu",), _REQ + "; E4M3/E5M2"),
+    implementations=(R.Implementation("mosaic_gpu", ("gpu",), "NVIDIA GPU, compute "
+                                      "capability >= 9.0, JAX >= 0.12; E4M3/E5M2"),
+                     R.Implementation("triton", ("gpu",), _REQ + "; E4M3/E5M2"),
                      R.Implementation("mosaic_tpu", ("tpu",), "TPU; E4M3/E5M2"), R.XLA),
     tolerance="bit-identical codes, scale and amax (NaN codes equal as NaN)",
 ))  # fmt: skip

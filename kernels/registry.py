@@ -48,8 +48,9 @@ class Implementation:
     """One way to compute a kernel.
 
     Attributes:
-        name: ``"triton"`` (Pallas on the Triton GPU backend), ``"mosaic_tpu"`` (Pallas on
-            Mosaic TPU) or ``"xla"`` (the reference under XLA).
+        name: ``"mosaic_gpu"`` (Pallas on Mosaic GPU), ``"triton"`` (Pallas on the Triton
+            GPU backend), ``"mosaic_tpu"`` (Pallas on Mosaic TPU) or ``"xla"`` (the
+            reference under XLA).
         platforms: platforms (``jax.default_backend()`` names) it runs on.
         requires: human-readable device and JAX requirements.
     """
@@ -224,6 +225,22 @@ def check_triton(impl: Implementation, min_cc: float, interpret: bool) -> str | 
     newer; otherwise the reason it cannot (the shared start of every ``why_not``)."""
     if impl.name != "triton":
         return f"no {impl.name} implementation"
+    return None if interpret else check_gpu(min_cc)
+
+
+MOSAIC_GPU_JAX = (0, 12)
+
+
+def check_mosaic_gpu(impl: Implementation, min_cc: float, interpret: bool) -> str | None:
+    """``None`` when ``impl`` is a kernel's Mosaic GPU implementation and can run here:
+    with JAX >= 0.12 (the first with Mosaic GPU's interpret mode and the ``plgpu`` API
+    these kernels use), in interpret mode anywhere, else on an NVIDIA GPU of compute
+    capability ``min_cc`` or newer; otherwise the reason it cannot."""
+    if impl.name != "mosaic_gpu":
+        return f"no {impl.name} implementation"
+    if jax_version() < MOSAIC_GPU_JAX:
+        return (f"needs JAX >= {'.'.join(map(str, MOSAIC_GPU_JAX))} for Pallas Mosaic GPU, "
+                f"installed {jax.__version__}")  # fmt: skip
     return None if interpret else check_gpu(min_cc)
 
 
