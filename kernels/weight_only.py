@@ -28,6 +28,11 @@ group's scale, casts them to the activation dtype and accumulates two ``dot``\\ 
 float32. Decode shapes (``M <= 16``) split ``K`` over extra programs (split-K) whose
 float32 partial sums are added afterwards.
 
+On Hopper GPUs with JAX >= 0.12, bfloat16/float16 activations times INT4, NF4, E2M1 or
+INT8 weights go to a Pallas Mosaic GPU kernel first (:mod:`jaxq.kernels.weight_only_mosaic`:
+the same even/odd split, the weight dequantized per step into shared memory for
+``wgmma``).
+
 Tolerance: ``|y - y_ref| <= 2^-7 · Σ_k |x_{mk} w_{nk}| + 1e-6`` for bfloat16/float16
 activations (the dequantized weight is rounded once to the activation dtype; an E2M1 code
 times an E8M0 or E4M3 scale is exact in bfloat16), ``1e-5`` relative to the same sum for
@@ -75,6 +80,9 @@ _SCALE_DTYPES = {"mxfp4": np.dtype(F.E8M0.dtype), "nvfp4": np.dtype(F.E4M3.dtype
 @dataclasses.dataclass(frozen=True)
 class Config:
     """Tiling of the Triton kernel (``None``: chosen from the shapes).
+
+    The Mosaic GPU kernel takes ``block_n`` where it is 64 or 128 and ``split_k`` as an
+    upper bound (a divisor of its number of ``K`` steps), and ignores the rest.
 
     Attributes:
         block_m: rows of ``x`` per program (at least 16).
@@ -178,7 +186,7 @@ def _k_step(w: QArray) -> int | None:
 
 def why_not(impl: R.Implementation, x, w: QArray, *, interpret: bool = False) -> str | None:
     """Why ``impl`` cannot multiply these arguments here (``None``: it can)."""
-    if impl.name not in ("triton", "mosaic_tpu"):
+    if impl.name not in ("mosaic_gpu", "triton", "mosaic_tpu"):
         return f"no {impl.name} implementation"
     if not interpret and impl.name == "triton":
         reason = R.check_gpu(8.0)
@@ -206,6 +214,11 @@ def why_not(impl: R.Implementation, x, w: QArray, *, interpret: bool = False) ->
             return f"K = {w.shape[-1]} needs a multiple of {16 * (2 if w.packed else 1)}"
     else:
         return "per-tensor scale (use channel or block scales)"
+    if impl.name == "mosaic_gpu":
+        from . import weight_only_mosaic
+
+        return (weight_only_mosaic.why_not(x, w, name)
+                or R.check_mosaic_gpu(impl, 9.0, interpret))  # fmt: skip
     if impl.name == "mosaic_tpu":
         from . import weight_only_tpu
 
@@ -351,13 +364,18 @@ def weight_only_matmul(
         w: a :class:`jaxq.QArray` of shape ``(N, K)`` or ``(B, N, K)`` (INT4, NF4, E2M1 or
             INT8 with group scales along ``K`` or per-row scales; MXFP4 or NVFP4).
         implementation: ``None`` (kernel if available, else XLA), ``"pallas"``,
-            ``"triton"`` (GPU), ``"mosaic_tpu"`` (TPU, :mod:`~jaxq.kernels.weight_only_tpu`)
-            or ``"xla"`` (see :mod:`jaxq.kernels.registry`).
+            ``"mosaic_gpu"`` (Hopper GPU, JAX >= 0.12,
+            :mod:`~jaxq.kernels.weight_only_mosaic`), ``"triton"`` (GPU), ``"mosaic_tpu"``
+            (TPU, :mod:`~jaxq.kernels.weight_only_tpu`) or ``"xla"`` (see
+            :mod:`jaxq.kernels.registry`).
         interpret: run the Pallas kernel in interpret mode (any platform; for tests).
-        config: tiling of the Triton kernel.
+        config: tiling of the Triton kernel (:class:`Config` says what the Mosaic GPU
+            kernel takes from it).
 
-    ``implementation="pallas"`` with ``interpret=True`` picks the Triton kernel (the first
-    listed); name ``"mosaic_tpu"`` to interpret the TPU kernel.
+    ``implementation="pallas"`` with ``interpret=True`` picks the Mosaic GPU kernel (the
+    first listed) where it takes the arguments (JAX >= 0.12, bfloat16/float16 activations,
+    INT4/NF4/E2M1/INT8 weights), else the Triton kernel; name ``"mosaic_tpu"`` to interpret
+    the TPU kernel.
 
     Returns:
         float32 ``(M, N)`` or ``(B, M, N)``.
@@ -372,6 +390,12 @@ def weight_only_matmul(
                     lambda i: why_not(i, x, w, interpret=interpret))  # fmt: skip
     if impl == "xla":
         return reference(x, w)
+    if impl == "mosaic_gpu":
+        from . import weight_only_mosaic
+
+        cfg = config or Config()
+        return weight_only_mosaic.matmul(x, w, _fmt_name(w), interpret, cfg.block_n,
+                                         cfg.split_k)  # fmt: skip
     if impl == "mosaic_tpu":
         from . import weight_only_tpu
 
@@ -392,6 +416,9 @@ R.register(R.Kernel(
     module=__name__,
     reference=reference,
     implementations=(
+        R.Implementation("mosaic_gpu", ("gpu",), "NVIDIA GPU, compute capability >= 9.0 "
+                         "(Hopper wgmma), JAX >= 0.12; bfloat16/float16 activations; "
+                         "INT4/NF4/E2M1/INT8, groups 32-256 or per-row scales"),
         R.Implementation("triton", ("gpu",), "NVIDIA GPU, compute capability >= 8.0; "
                          "INT4/NF4/E2M1/INT8, groups 32-256 or per-row scales; MXFP4; NVFP4 "
                          "(K a multiple of 32)"),

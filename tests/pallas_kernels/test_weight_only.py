@@ -188,10 +188,10 @@ def test_block_fp4_edge_scales_and_refusals():
     sb[5, 2] = 0  # a zero block scale
     w = _block_fp4("nvfp4", (24, 128), scale_bytes=sb)
     _check(x, w)
-    impl = kernels.registry.get("weight_only_matmul").implementations[0]
+    impl = kernels.registry.get("weight_only_matmul").implementation("triton")
     odd = _block_fp4("nvfp4", (8, 48))
     assert "multiple of 32" in wo.why_not(impl, jnp.ones((2, 48)), odd, interpret=True)
-    tpu = kernels.registry.get("weight_only_matmul").implementations[1]
+    tpu = kernels.registry.get("weight_only_matmul").implementation("mosaic_tpu")
     assert "Triton kernel only" in wo.why_not(tpu, x, w, interpret=True)
     np.testing.assert_array_equal(kernels.weight_only_matmul(jnp.ones((2, 48)), odd,
                                                              interpret=True),
