@@ -15,6 +15,10 @@ float32 partial sum, the activation scale the output. The activations are split 
 and odd columns (as in :mod:`jaxq.kernels.weight_only`) so the packed bytes are used as
 stored.
 
+On Hopper with JAX >= 0.12 a Pallas Mosaic GPU kernel (:mod:`jaxq.kernels.w4a8_mosaic`:
+the same method on ``wgmma``, with a fresh accumulator per group) comes first; the Triton
+kernel runs elsewhere (compute capability >= 8.9).
+
 Tolerance: ``|y - y_ref| <= 1e-5 · Σ_k |x_{mk} w_{nk}|`` (float32 output).
 
 Example:
@@ -84,6 +88,10 @@ def _w_step(w: QArray) -> int | None:
 
 def why_not(impl: R.Implementation, x: QArray, w: QArray, *, interpret=False) -> str | None:
     """Why ``impl`` cannot multiply these operands here (``None``: it can)."""
+    if impl.name == "mosaic_gpu":
+        from . import w4a8_mosaic
+
+        return w4a8_mosaic.why_not(x, w) or R.check_mosaic_gpu(impl, 9.0, interpret)
     reason = R.check_triton(impl, 8.9, interpret)
     if reason:
         return reason
@@ -176,9 +184,10 @@ def w4a8_matmul(
         x: ``(M, K)`` E4M3 QArray with a per-tensor (or per-row) scale, e.g.
             ``jaxq.quantize(x, "e4m3")``.
         w: ``(N, K)`` INT4 QArray, groups of 64/128/256 along ``K`` or per-row scales.
-        implementation: ``None``, ``"pallas"``, ``"triton"`` or ``"xla"``.
+        implementation: ``None``, ``"pallas"``, ``"mosaic_gpu"`` (Hopper GPU, JAX >= 0.12,
+            :mod:`~jaxq.kernels.w4a8_mosaic`), ``"triton"`` or ``"xla"``.
         interpret: run the Pallas kernel in interpret mode.
-        config: tiling of the Triton kernel.
+        config: tiling of the Triton kernel (the Mosaic GPU kernel takes its ``block_n``).
 
     Raises:
         TypeError: an operand is not a QArray.
@@ -189,6 +198,10 @@ def w4a8_matmul(
                     lambda i: why_not(i, x, w, interpret=interpret))  # fmt: skip
     if impl == "xla":
         return reference(x, w)
+    if impl == "mosaic_gpu":
+        from . import w4a8_mosaic
+
+        return w4a8_mosaic.matmul(x, w, interpret, config.block_n if config else None)
     return _triton(x, w, config or Config(), interpret)
 
 
@@ -197,6 +210,9 @@ R.register(R.Kernel(
     module=__name__,
     reference=reference,
     implementations=(
+        R.Implementation("mosaic_gpu", ("gpu",), "NVIDIA GPU, compute capability >= 9.0 "
+                         "(Hopper FP8 wgmma), JAX >= 0.12; INT4 groups 64-256 or per-row "
+                         "scales"),
         R.Implementation("triton", ("gpu",), "NVIDIA GPU, compute capability >= 8.9 (FP8 "
                          "tensor cores); INT4 groups 64-256 or per-row scales"),
         R.XLA,

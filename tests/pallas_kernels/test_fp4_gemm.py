@@ -72,7 +72,7 @@ def test_quantized_inputs_edges_and_nan_scales():
 
 def test_refusals_and_dispatch_on_cpu():
     a, b = _fp4("mxfp4", (4, 64)), _fp4("mxfp4", (8, 64))
-    impl = kernels.registry.get("fp4_matmul").implementations[0]
+    impl = kernels.registry.get("fp4_matmul").implementation("triton")
     assert fp4_gemm.kernel_for(a, b) is None  # CPU: XLA
     np.testing.assert_array_equal(kernels.fp4_matmul(a, b), fp4_gemm.reference(a, b))
     with pytest.raises(ValueError, match="one format on both"):

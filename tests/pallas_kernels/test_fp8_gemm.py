@@ -89,7 +89,7 @@ def test_fp8_dispatch_and_errors():
         kernels.scaled_fp8_matmul(a, random_qarray("int8", None, (8, 64)))
     with pytest.raises(TypeError, match="QArray"):
         kernels.scaled_fp8_matmul(a, jnp.ones((8, 64)))
-    impl = kernels.registry.get("scaled_fp8_matmul").implementations[0]
+    impl = kernels.registry.get("scaled_fp8_matmul").implementation("triton")
     mixed = random_qarray("e4m3", 32, (8, 64))  # 1x32 blocks: no kernel, XLA
     assert "layouts" in fp8.why_not(impl, a, mixed, interpret=True)
 
@@ -123,7 +123,7 @@ def test_w4a8_dispatch_and_errors():
         kernels.w4a8_matmul(x, random_qarray("nf4", 128, (8, 128)))
     with pytest.raises(ValueError, match="E4M3"):
         kernels.w4a8_matmul(random_qarray("e5m2", "tensor", (2, 128)), w)
-    impl = kernels.registry.get("w4a8_matmul").implementations[0]
+    impl = kernels.registry.get("w4a8_matmul").implementation("triton")
     assert "groups of 64" in w4a8.why_not(impl, x, random_qarray("int4", 32, (8, 128)),
                                           interpret=True)
 

@@ -101,7 +101,7 @@ def test_dispatch_on_cpu_is_the_reference_bit_for_bit(monkeypatch):
 
 def test_unsupported_weights_fall_back_and_bad_input_raises():
     x = jnp.ones((2, 64))
-    impl = kernels.registry.get("weight_only_matmul").implementations[0]
+    impl = kernels.registry.get("weight_only_matmul").implementation("triton")
     per_tensor = _weight("int4", "tensor", (8, 64))
     for w, why in ((per_tensor, "per-tensor"), (_weight("e4m3", 32, (8, 64)), "format"),
                    (_weight("int4", 16, (8, 64)), "groups of 32")):
