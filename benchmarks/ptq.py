@@ -56,6 +56,8 @@ def rows():
         ("W4 g128 rotation + GPTQ, MSE scales", w4_mse, ("rotate", "gptq")),
         ("W4 g128 AWQ scales folded + GPTQ, MSE scales", w4_mse,
          ("awq_scales", "fold", "gptq")),
+        ("W4 g128 rotation + AWQ scales + GPTQ, MSE scales", w4_mse,
+         ("rotate", "awq_scales", "gptq")),
         ("NF4 g64", ptq.NF4(64), ()),
         ("MXFP4 (OCP exponents)", ptq.MXFP4(calibration=jaxq.Absmax()), ()),
         ("MXFP4 (exponents searched)", ptq.MXFP4(), ()),
