@@ -52,7 +52,7 @@ def test_orbax_roundtrip_and_resume_every_optimizer(tmp_path):
     steps = {name: make_step(tx) for name, tx in txs.items()}
     run = {}
     for name, tx in txs.items():
-        p, s = params, tx.init(params)
+        p, s = params, jax.jit(tx.init)(params)
         for i in range(3):
             p, s = steps[name](p, s, i)
         run[name] = {"params": p, "opt": s}
