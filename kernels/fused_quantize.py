@@ -100,6 +100,10 @@ def why_not(impl: R.Implementation, x, *, interpret=False, block=None, fmt=None)
         reason = fused_quantize_tpu.why_not(x, fmt, interpret=interpret)
     elif impl.name == "mosaic_gpu":
         reason = R.check_mosaic_gpu(impl, 9.0, interpret)
+        if reason is None and fmt in _BLOCK.values():
+            from . import block_quantize_mosaic
+
+            reason = block_quantize_mosaic.why_not(x)
     else:
         reason = R.check_triton(impl, 8.0, interpret)
     if reason:
@@ -274,7 +278,11 @@ def block_quantize(x, fmt="mxfp8", *, implementation=None, interpret=False):
     Args:
         x: ``(M, N)`` float array, ``N`` a multiple of the format's block (32 or 16).
         fmt: ``"mxfp8"``, ``"mxfp4"`` or ``"nvfp4"`` (or the format object).
-        implementation: as for :func:`cast_transpose`.
+        implementation: ``None``, ``"pallas"``, ``"mosaic_gpu"`` (Hopper GPU, JAX >= 0.12,
+            float32/bfloat16/float16 ``x``, :mod:`~jaxq.kernels.block_quantize_mosaic`),
+            ``"triton"`` (GPU), ``"mosaic_tpu"`` (TPU, :mod:`~jaxq.kernels.fused_quantize_tpu`)
+            or ``"xla"``; with ``interpret=True``, ``"pallas"`` picks the Mosaic GPU kernel
+            on JAX >= 0.12 and the Triton kernel before.
         interpret: run the Pallas kernel in interpret mode.
 
     Returns:
@@ -302,6 +310,10 @@ def block_quantize(x, fmt="mxfp8", *, implementation=None, interpret=False):
         from . import fused_quantize_tpu
 
         codes, scale = fused_quantize_tpu.block_quantize(x, fmt, s_t, interpret)
+    elif impl == "mosaic_gpu":
+        from . import block_quantize_mosaic
+
+        codes, scale = block_quantize_mosaic.block_quantize(x, fmt, s_t, interpret)
     else:
         codes, scale = _block_triton(x, fmt, s_t, interpret)
     return QArray(codes, scale, None, ts, fmt, tuple(x.shape), np.dtype(x.dtype),
@@ -320,7 +332,10 @@ R.register(R.Kernel(
 ))  # fmt: skip
 R.register(R.Kernel(
     name="block_quantize", module=__name__, reference=reference_block_quantize,
-    implementations=(R.Implementation("triton", ("gpu",), _REQ + "; " + _BLOCKS),
+    implementations=(R.Implementation("mosaic_gpu", ("gpu",), "NVIDIA GPU, compute capability "
+                                      ">= 9.0, JAX >= 0.12; float32/bfloat16/float16 x; "
+                                      + _BLOCKS),
+                     R.Implementation("triton", ("gpu",), _REQ + "; " + _BLOCKS),
                      R.Implementation("mosaic_tpu", ("tpu",), "TPU; " + _BLOCKS), R.XLA),
     tolerance="bit-identical codes and scales",
 ))  # fmt: skip

@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jaxq.kernels import registry as R
 
 import jaxq
 from jaxq import formats as F
@@ -127,15 +128,17 @@ def test_dispatch_and_refusals(monkeypatch):
         return kernels.registry.choose(name, implementation, lambda i: fq.why_not(
             i, x, interpret=interpret, block=32, fmt=F.get(fmt)))  # fmt: skip
 
-    # CPU: XLA by default; in interpret mode "pallas" keeps the Triton kernel first
+    # CPU: XLA by default; in interpret mode "pallas" keeps the GPU kernels first (Mosaic
+    # GPU where JAX has its interpret mode, else Triton)
     assert picks("cast_transpose", "e4m3", False) == "xla"
-    assert picks("block_quantize", "mxfp8", True, "pallas") == "triton"
+    gpu_first = "mosaic_gpu" if R.jax_version() >= R.MOSAIC_GPU_JAX else "triton"
+    assert picks("block_quantize", "mxfp8", True, "pallas") == gpu_first
     assert picks("block_quantize", "mxfp8", True, "mosaic_tpu") == "mosaic_tpu"
     monkeypatch.setattr(kernels.registry, "platform", lambda: "tpu")
     assert picks("cast_transpose", "e5m2", False) == "mosaic_tpu"  # a TPU: the TPU kernel
     assert picks("block_quantize", "nvfp4", False, "pallas") == "mosaic_tpu"
     names = [i.name for i in kernels.registry.get("block_quantize").implementations]
-    assert names == ["triton", "mosaic_tpu", "xla"]
+    assert names == ["mosaic_gpu", "triton", "mosaic_tpu", "xla"]
 
 
 @pytest.mark.parametrize("what", ["e4m3", "e5m2", "mxfp8", "mxfp4", "nvfp4"])
