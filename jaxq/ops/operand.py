@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxq import formats as F
-from jaxq.ops.kernel_dispatch import kernel_product
+from jaxq.ops.kernel_dispatch import kernel_product, kernel_quantize
 from jaxq.ops.spec import Quantizer
 from jaxq.quantization import packing
 from jaxq.quantization.calibration import Absmax, finite_abs
@@ -85,6 +85,10 @@ def quantize_operand(
     the blocks, scales and codes are those of the transposed operand quantized along its
     last axis, kept in ``(B, R, K)`` order (scales ``(B, R / b, K)``).
 
+    A fused quantizer of :mod:`jaxq.kernels` computes the same QArray where one runs
+    (:func:`jaxq.ops.kernel_dispatch.kernel_quantize`; never on CPU without
+    ``JAXQ_KERNELS=interpret``).
+
     Args:
         x3: the operand, contraction on the last axis.
         q: its quantizer; ``None`` returns ``x3`` unchanged.
@@ -133,6 +137,9 @@ def quantize_operand(
     if q.power_of_two and not (isinstance(fmt, F.BlockFormat) and not fmt.is_mx):
         # MX: an amax of s·max gives the E8M0 exponent log2(s) (the round-up rule).
         given = _pow2_amax(_group_stat(x3, q, jnp.max, axis) if given is None else given, m)
+    fused = kernel_quantize(x3, q, amax=given, axis=axis)  # the same QArray, where one runs
+    if fused is not None:
+        return fused
     if given is not None:
         return quantize(x3, fmt, amax=given, **kw)
     calibration = q.calibration if not isinstance(q.calibration, str) else Absmax()
