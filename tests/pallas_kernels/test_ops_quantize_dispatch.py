@@ -230,7 +230,11 @@ def test_differentiating_the_quantizer_gives_the_xla_derivative(monkeypatch):
     assert CT in jaxpr and NV4 in jaxpr
     # the same terms; autodiff may add a cotangent's contributions in another order
     for g, v in zip(jax.tree.leaves(got[0]), jax.tree.leaves(want[0]), strict=True):
-        np.testing.assert_allclose(g, v, rtol=1e-6, atol=1e-6 * float(jnp.max(jnp.abs(v))))
+        g, v = np.asarray(g), np.asarray(v)
+        np.testing.assert_array_equal(np.isfinite(g), np.isfinite(v))  # NaN/inf where XLA's
+        finite = np.isfinite(v)
+        big = float(np.max(np.abs(v[finite]), initial=0.0))
+        np.testing.assert_allclose(g[finite], v[finite], rtol=1e-6, atol=1e-6 * big)
     assert jax.tree.structure(got[1]) == jax.tree.structure(want[1])  # vmapped QArrays
     for g, v in zip(jax.tree.leaves(got[1]), jax.tree.leaves(want[1]), strict=True):
         assert (g.shape, g.dtype) == (v.shape, v.dtype)
