@@ -68,6 +68,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from . import registry as R
+from .weight_only_mosaic import _split  # one split-K rule for both kernels
 
 __all__ = ["matmul", "why_not"]
 
@@ -76,7 +77,6 @@ BM = 64  # rows per program: one warpgroup's wgmma M
 # operand tiles, 32 KiB of E4M3 planes and 32 KiB of output tile, about 160 KiB of a Hopper
 # block's 227 KiB
 MAX_STAGES = 3
-SPLIT_PROGRAMS = 264  # decode: split K until about two programs per SM of an H100
 
 
 def why_not(x, w) -> str | None:
@@ -183,15 +183,6 @@ def _body(xe_gmem, xo_gmem, c_gmem, sx_gmem, sw_gmem, y_gmem, lo_smem, hi_smem, 
     plgpu.commit_smem()
     plgpu.copy_smem_to_gmem(y_smem, y_gmem.at[si, rows, ocols])
     plgpu.wait_smem_to_gmem(0)
-
-
-def _split(total: int, programs: int, m: int, want: int | None) -> int:
-    """Programs per output tile along ``K``: a divisor of ``total`` steps (each program runs
-    the same number), at most ``want`` when given; for decode (one 64-row tile) enough to
-    give about ``SPLIT_PROGRAMS`` programs, else 1."""
-    if want is None:
-        want = max(1, SPLIT_PROGRAMS // programs) if m <= BM else 1
-    return max(d for d in range(1, min(want, total) + 1) if total % d == 0)
 
 
 def matmul(x, w, interpret: bool, block_n: int | None = None,

@@ -102,3 +102,22 @@ def partial_blocks(eqn) -> list[str]:
         if any(d % s for d, s in zip(shape, sizes, strict=True)):
             bad.append(f"{shape} in blocks {tuple(sizes)}")
     return bad
+
+
+MOSAIC_GPU_JAX_OK = R.jax_version() >= R.MOSAIC_GPU_JAX
+MOSAIC_GPU_REASON = (f"Pallas Mosaic GPU interpret mode needs JAX >= 0.12, "
+                     f"installed {jax.__version__}")
+needs_mosaic_gpu = pytest.mark.skipif(not MOSAIC_GPU_JAX_OK, reason=MOSAIC_GPU_REASON)
+
+
+def code_bits(a):
+    """The bytes of an array's elements, as uint8."""
+    return np.asarray(a).view(np.uint8)
+
+
+def assert_same_codes(a, b):
+    """Equal bit patterns, NaN codes compared as NaN (their payload may differ)."""
+    fa, fb = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    np.testing.assert_array_equal(np.isnan(fa), np.isnan(fb))
+    keep = ~np.isnan(fa)
+    np.testing.assert_array_equal(code_bits(a)[keep], code_bits(b)[keep])

@@ -10,21 +10,11 @@ import pytest
 import jaxq
 from jaxq import kernels
 
+from .common import assert_same_codes as _same_codes
+from .common import code_bits as _bits
 from .common import lower_or_skip
 
 fq = kernels.fused_quantize
-
-
-def _bits(a):
-    return np.asarray(a).view(np.uint8)
-
-
-def _same_codes(a, b):
-    """Equal bit patterns, NaN codes compared as NaN (their payload may differ)."""
-    fa, fb = np.asarray(a, np.float32), np.asarray(b, np.float32)
-    np.testing.assert_array_equal(np.isnan(fa), np.isnan(fb))
-    keep = ~np.isnan(fa)
-    np.testing.assert_array_equal(_bits(a)[keep], _bits(b)[keep])
 
 
 def _input(shape, dtype=jnp.float32, nan=True):

@@ -16,27 +16,22 @@ from jaxq.kernels import registry as R
 import jaxq
 from jaxq import kernels
 
-from .common import abs_product, assert_within, lower_or_skip, random_qarray
+from .common import (
+    MOSAIC_GPU_JAX_OK,
+    MOSAIC_GPU_REASON,
+    abs_product,
+    assert_within,
+    lower_or_skip,
+    needs_mosaic_gpu,
+    random_qarray,
+)
+from .common import assert_same_codes as _same_codes
 
 fq, fp8 = kernels.fused_quantize, kernels.fp8_gemm
-NEW_JAX = R.jax_version() >= R.MOSAIC_GPU_JAX
-REASON = f"Pallas Mosaic GPU interpret mode needs JAX >= 0.12, installed {jax.__version__}"
-needs_mosaic = pytest.mark.skipif(not NEW_JAX, reason=REASON)
+NEW_JAX, REASON, needs_mosaic = MOSAIC_GPU_JAX_OK, MOSAIC_GPU_REASON, needs_mosaic_gpu
 
 if not NEW_JAX:
     print(REASON)
-
-
-def _bits(a):
-    return np.asarray(a).view(np.uint8)
-
-
-def _same_codes(a, b):
-    """Equal bit patterns, NaN codes compared as NaN (their payload may differ)."""
-    fa, fb = np.asarray(a, np.float32), np.asarray(b, np.float32)
-    np.testing.assert_array_equal(np.isnan(fa), np.isnan(fb))
-    keep = ~np.isnan(fa)
-    np.testing.assert_array_equal(_bits(a)[keep], _bits(b)[keep])
 
 
 @functools.partial(jax.jit, static_argnames=("fmt", "block"))

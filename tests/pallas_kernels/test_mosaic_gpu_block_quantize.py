@@ -18,17 +18,14 @@ import jaxq
 from jaxq import formats as F
 from jaxq import kernels
 
+from .common import MOSAIC_GPU_JAX_OK, MOSAIC_GPU_REASON, needs_mosaic_gpu
+from .common import code_bits as _bits
+
 fq = kernels.fused_quantize
-NEW_JAX = R.jax_version() >= R.MOSAIC_GPU_JAX
-REASON = f"Pallas Mosaic GPU interpret mode needs JAX >= 0.12, installed {jax.__version__}"
-needs_mosaic = pytest.mark.skipif(not NEW_JAX, reason=REASON)
+NEW_JAX, REASON, needs_mosaic = MOSAIC_GPU_JAX_OK, MOSAIC_GPU_REASON, needs_mosaic_gpu
 
 if not NEW_JAX:
     print(REASON)
-
-
-def _bits(a):
-    return np.asarray(a).view(np.uint8)
 
 
 @functools.partial(jax.jit, static_argnames=("fmt",))

@@ -19,12 +19,18 @@ from jaxq.kernels import registry as R
 import jaxq
 from jaxq import kernels
 
-from .common import abs_product, assert_within, lower_or_skip, random_qarray
+from .common import (
+    MOSAIC_GPU_JAX_OK,
+    MOSAIC_GPU_REASON,
+    abs_product,
+    assert_within,
+    lower_or_skip,
+    needs_mosaic_gpu,
+    random_qarray,
+)
 
 wo = kernels.weight_only
-NEW_JAX = R.jax_version() >= R.MOSAIC_GPU_JAX
-REASON = f"Pallas Mosaic GPU interpret mode needs JAX >= 0.12, installed {jax.__version__}"
-needs_mosaic = pytest.mark.skipif(not NEW_JAX, reason=REASON)
+NEW_JAX, REASON, needs_mosaic = MOSAIC_GPU_JAX_OK, MOSAIC_GPU_REASON, needs_mosaic_gpu
 REL = 2.0**-7  # the module's tolerance for bfloat16/float16 activations
 
 if not NEW_JAX:
