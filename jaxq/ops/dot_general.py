@@ -52,6 +52,7 @@ from jaxq.kernels import registry as kernel_registry
 from jaxq.ops import operand as O
 from jaxq.ops.dims import Canonical, canonicalize
 from jaxq.ops.hadamard import hadamard
+from jaxq.ops.kernel_dispatch import kernel_product
 from jaxq.ops.spec import OpState, Recipe
 from jaxq.quantization.fake_quant import lsq_quant
 
@@ -123,6 +124,11 @@ def _history_amax(state: OpState | None, recipe: Recipe, role: str) -> jax.Array
 
 def _block(q) -> int:
     return q.block_size if q is not None and q.granularity == "block" else 1
+
+
+def _tile(q) -> int | None:
+    """The side of ``q``'s square tiles (``"block2d"``), else ``None``."""
+    return q.block_size if q is not None and q.granularity == "block2d" else None
 
 
 def _multiple_m(cfg: _Config) -> int:
@@ -276,8 +282,13 @@ def _backward(cfg: _Config, res, g):
     dx3 = None
     if not _w_ready(cfg):
         n = gq.shape[2]  # the gradient's output axis, zero-padded to its blocks
-        w = w_saved if w_saved.shape[1] == n else _pad_rows(O.to_float(w_saved), n)
-        dx3 = O.contract(gq, w, (2, 1))
+        tile = _tile(r.backward_quantizer("rhs"))
+        if tile and O.is_quantized(w_saved) and w_saved.shape[1] == n:
+            # square tiles are blocks along N as well: a block-scaled kernel's operand
+            dx3 = kernel_product(gq, O.transpose_tiles(w_saved, tile))
+        if dx3 is None:
+            w = w_saved if w_saved.shape[1] == n else _pad_rows(O.to_float(w_saved), n)
+            dx3 = O.contract(gq, w, (2, 1))
     if dx3 is None:
         w_op = w_saved if _w_ready(cfg) else O.transpose(w_saved)
         dx3 = O.matmul(*_align(gq, w_op))
@@ -300,6 +311,12 @@ def _wgrad_along_tokens(cfg: _Config, g3, x_saved, g_amax, key):
     rows = _padded_m(cfg, g3.shape[1])
     gq = O.quantize_operand(_pad_rows(g3, rows), cfg.recipe.grad, amax=g_amax, key=key,
                             where=f"{cfg.op} grad (blocks along the tokens)", axis=1)  # fmt: skip
+    if O.is_quantized(x_saved):
+        # where a block-scaled kernel runs, the codes are transposed (blocks along the
+        # tokens become blocks along its contraction) rather than dequantized
+        dw3 = kernel_product(O.transpose(gq), O.transpose(x_saved))
+        if dw3 is not None:
+            return dw3
     return O.contract(O.to_float(gq), _pad_rows(O.to_float(x_saved), rows), (1, 1))
 
 

@@ -17,9 +17,9 @@ E4M3 (tensor or row scales) × INT4 (W4A8)      :func:`jaxq.kernels.w4a8_matmul`
 FP8 × FP8 with ``1 × 128`` blocks along K on   :func:`jaxq.kernels.scaled_fp8_matmul`
 both (DeepSeek-V3: 128 × 128 weight blocks     (float32 promotion of each 128-wide
 are stored as per-row K-blocks)                partial sum)
-MXFP8 × MXFP8 blocked along K (the forward     :func:`jaxq.kernels.scaled_fp8_matmul`
-and input-gradient products; Hopper:           (32-wide partial sums scaled by ``2^e``)
-Blackwell takes ``jax.nn.scaled_matmul``)
+MXFP8 × MXFP8 blocked along K (forward, input :func:`jaxq.kernels.scaled_fp8_matmul`
+and weight gradient; Hopper: Blackwell takes   (32-wide partial sums scaled by ``2^e``)
+``jax.nn.scaled_matmul``)
 MXFP4 × MXFP4 or NVFP4 × NVFP4 blocked along   :func:`jaxq.kernels.fp4_matmul` (scaled
 K (Hopper; Blackwell as above)                 elements exact in bfloat16 MMAs)
 =============================================  ==========================================
@@ -47,13 +47,22 @@ of :func:`jaxq.ops.dot_general`) gives exactly what it gives on XLA. (Within
 ``jax.custom_vjp``, which JAX never differentiates for a first-order gradient; learned
 step sizes do not use ``quantize_operand``.)
 
+The backward products reach the same kernels. The weight gradient of a recipe whose
+gradient has ``1 × b`` blocks quantizes both operands in blocks along the tokens; their
+codes are transposed (:func:`jaxq.ops.operand.transpose`: 4-bit codes repacked), so the
+tokens become the kernel's contraction axis with its blocks along it. An input gradient
+through weights in square tiles (``"block2d"``: DeepSeek-V3's 128 × 128 FP8 blocks,
+NVFP4's 16 × 16) reads the tiles as blocks along the output axis
+(:func:`jaxq.ops.operand.transpose_tiles`). Both are exact relayouts of the codes and
+scales, one byte or less per element, instead of a float32 dequantized product.
+
 A kernel runs only where there is a single device (a Pallas call is not partitioned across
 devices; interpret mode excepted) and, for the FP8 and W4A8 products, for a batch ``B`` of
 1 (a plain ``Dense``/``Linear`` product). Each kernel's availability check decides the
 rest (platform, GPU generation, shapes); on CPU nothing changes. The products agree with
 the XLA path within each kernel's stated tolerance (:func:`jaxq.kernels.registry.table`);
 the quantizers' codes and scales are XLA's bit for bit in interpret mode (NaN codes equal
-as NaN). The backward products other than those above stay on XLA for now.
+as NaN).
 
 The environment variable ``JAXQ_KERNELS`` steers it: ``xla`` keeps every product and
 quantizer on XLA; ``interpret`` runs the kernels in Pallas interpret mode on any

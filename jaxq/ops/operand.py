@@ -36,7 +36,7 @@ from jaxq.ops.spec import Quantizer
 from jaxq.quantization import packing
 from jaxq.quantization.calibration import Absmax, finite_abs
 from jaxq.quantization.codes import decode
-from jaxq.quantization.qarray import QArray
+from jaxq.quantization.qarray import Layout, QArray
 from jaxq.quantization.qdq import dequantize, quantize
 
 __all__ = ["quantize_operand", "matmul", "observe_amax", "to_float", "is_quantized"]
@@ -354,25 +354,58 @@ def contract(a: Operand, b: Operand, axes: tuple[int, int]) -> jax.Array | None:
 
 
 def transposes_as_codes(x: Operand) -> bool:
-    """Whether :func:`transpose` keeps ``x`` quantized (tensor-scaled unpacked codes)."""
+    """Whether :func:`transpose` keeps ``x`` quantized as tensor-scaled unpacked codes (the
+    FP8 path of :func:`contract` multiplies such codes as they lie)."""
     return isinstance(x, QArray) and x.layout.kind == "tensor" and not x.packed
+
+
+def _swapped_codes(q: QArray) -> jax.Array:
+    """``q``'s codes with the row and contraction axes swapped; sub-byte codes, packed
+    along the last axis, are unpacked, swapped and packed along the new last axis."""
+    if not q.packed:
+        return q.codes.transpose(0, 2, 1)
+    bits = _element(q).bits
+    codes = packing.unpack(q.codes, bits=bits, n=q.shape[-1]).transpose(0, 2, 1)
+    return packing.pack(codes, bits=bits)
 
 
 def transpose(x: Operand) -> Operand:
     """Swaps the row and contraction axes of a canonical operand.
 
-    Tensor-scaled 8-bit codes transpose as they are; any other QArray becomes its float32
-    values (exact), to be multiplied by the dequantize path.
+    Tensor-scaled 8-bit codes transpose as they are, and codes in blocks along the rows
+    (``quantize_operand(..., axis=1)``) become codes in blocks along the contraction, the
+    layout of a block-scaled GEMM (sub-byte codes repacked); any other QArray becomes its
+    float32 values (exact), to be multiplied by the dequantize path.
     """
-    if isinstance(x, QArray):
-        if transposes_as_codes(x):
-            b, r, k = x.shape
-            return QArray(
-                x.codes.transpose(0, 2, 1), x.scale, x.zero_point, x.tensor_scale,
-                x.fmt, (b, k, r), x.dtype, x.layout,
-            )  # fmt: skip
-        return to_float(x).transpose(0, 2, 1)
-    return x.transpose(0, 2, 1)
+    if not isinstance(x, QArray):
+        return x.transpose(0, 2, 1)
+    b, r, k = x.shape
+    if transposes_as_codes(x):
+        return QArray(_swapped_codes(x), x.scale, x.zero_point, x.tensor_scale, x.fmt,
+                      (b, k, r), x.dtype, x.layout)  # fmt: skip
+    if x.layout.kind == "block" and tuple(x.layout.axes) == (1,):
+        swap = lambda a: None if a is None else a.transpose(0, 2, 1)  # noqa: E731
+        layout = Layout("block", (2,), x.layout.block_size)
+        return QArray(_swapped_codes(x), swap(x.scale), swap(x.zero_point), x.tensor_scale,
+                      x.fmt, (b, k, r), x.dtype, layout)  # fmt: skip
+    return to_float(x).transpose(0, 2, 1)
+
+
+def transpose_tiles(x: QArray, tile: int) -> QArray:
+    """The transpose of an operand quantized in ``tile × tile`` tiles (``"block2d"``), in
+    blocks of ``tile`` along its new contraction axis.
+
+    Such a QArray holds blocks of ``tile`` along its contraction axis ``K`` whose scales
+    repeat over each ``tile`` rows: ``s_{b, r, j}`` depends on ``r`` only through
+    ``⌊r / tile⌋``. Transposed, the element ``(k, r)`` keeps its scale
+    ``s_{b, tile·⌊r/tile⌋, ⌊k/tile⌋}``, one per block of ``tile`` along ``r``: the same
+    values and codes, in the layout of a block-scaled GEMM over ``r``.
+    """
+    b, r, k = x.shape
+    tiles = x.scale[:, ::tile, :]  # (B, R / tile, K / tile)
+    scale = jnp.repeat(tiles.transpose(0, 2, 1), tile, axis=1)  # (B, K, R / tile)
+    return QArray(_swapped_codes(x), scale, None, x.tensor_scale, x.fmt, (b, k, r), x.dtype,
+                  Layout("block", (2,), tile))  # fmt: skip
 
 
 def nbytes(x: Operand) -> int:

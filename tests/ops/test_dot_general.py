@@ -550,3 +550,43 @@ def test_contract_equals_the_canonical_product_without_transposes(fa, fb, gran):
     ia = quantize_operand(jnp.asarray(g), Quantizer("int8", "row"))
     ib = quantize_operand(jnp.asarray(w.transpose(0, 2, 1)), Quantizer("int8", "row"))
     assert O.contract(ia, ib, (2, 2)) is None
+
+
+@pytest.mark.parametrize("fmt, bs", [("mxfp8", None), ("mxfp4", None), ("nvfp4", None),
+                                     ("int4", 32), ("e4m3", 16)])  # fmt: skip
+def test_transpose_keeps_codes_blocked_along_the_rows_exactly(fmt, bs):
+    """Blocks along the rows become blocks along the contraction of the transposed operand,
+    as codes (sub-byte codes repacked along the new last axis): the same values exactly,
+    odd widths, zeros, huge values and non-finite entries included."""
+    from jaxq.ops import operand as O
+
+    rng = np.random.default_rng(SEED)
+    x = rng.standard_normal((1, 64, 33)).astype(np.float32) * 2.0 ** rng.integers(-20, 20, 33)
+    x[0, :32, 0] = 0.0  # a zero block
+    x[0, 3, 1], x[0, 40, 2], x[0, 7, 3] = 3e38, 1e-40, -np.inf
+    x[0, 9, 4] = np.nan
+    q = quantize_operand(jnp.asarray(x), Quantizer(fmt, "block", bs), axis=1)
+    t = O.transpose(q)
+    assert isinstance(t, jaxq.QArray) and t.shape == (1, 33, 64)
+    assert t.layout.kind == "block" and t.layout.axes == (2,) and t.packed == q.packed
+    np.testing.assert_array_equal(np.asarray(O.to_float(t)),
+                                  np.asarray(O.to_float(q)).transpose(0, 2, 1))  # fmt: skip
+
+
+@pytest.mark.parametrize("fmt, tile", [("nvfp4", 16), ("e4m3", 32), ("int8", 16)])
+def test_transpose_tiles_is_the_transposed_operand_in_blocks_along_its_rows(fmt, tile):
+    """An operand quantized in square tiles, transposed: blocks of the tile along the new
+    contraction axis with the tile's scale, the same values exactly."""
+    from jaxq.ops import operand as O
+
+    rng = np.random.default_rng(SEED + 1)
+    w = rng.standard_normal((1, 64, 96)).astype(np.float32)
+    w[0, :16, :16] *= 1e4  # tiles of very different magnitudes
+    w[0, 16:32, 32:48] = 0.0
+    w[0, 33, 50] = 1e-42
+    q = quantize_operand(jnp.asarray(w), Quantizer(fmt, "block2d", tile))
+    t = O.transpose_tiles(q, tile)
+    assert t.shape == (1, 96, 64) and t.layout.axes == (2,) and t.layout.block_size == tile
+    assert t.scale.shape == (1, 96, 64 // tile)
+    np.testing.assert_array_equal(np.asarray(O.to_float(t)),
+                                  np.asarray(O.to_float(q)).transpose(0, 2, 1))  # fmt: skip

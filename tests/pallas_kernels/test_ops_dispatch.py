@@ -32,12 +32,17 @@ CASES = {
     # MXFP8, forward and input gradient (MX x MX along K): the FP8 GEMM's 32-wide steps
     "mxfp8": (R.MXFP8(), "jaxq_fp8_mx"),
     # MXFP4 on both operands: the FP4 GEMM (scaled elements exact in bfloat16 MMAs);
-    # NVFP4 with 1x16 weight blocks likewise (its 16x16 weight blocks have no kernel yet)
+    # NVFP4 with 1x16 weight blocks likewise, and with 16x16 weight tiles, which are 1x16
+    # blocks of the transposed weight in the input gradient
     "mxfp4": (R.MXFP4(stochastic_rounding_grads=False), "jaxq_fp4_mxfp4"),
     "nvfp4": (R.NVFP4(random_hadamard=False, stochastic_rounding_grads=False,
                       weight_blocks_2d=False), "jaxq_fp4_nvfp4"),
+    "nvfp4_tiles": (R.NVFP4(random_hadamard=False, stochastic_rounding_grads=False),
+                    "jaxq_fp4_nvfp4"),
 }
-BACKWARD_ON_KERNELS = {"mxfp8", "mxfp4", "nvfp4"}
+# the input and the weight gradient on the kernel too (the weight gradient's operands,
+# quantized in blocks along the tokens, transposed as codes)
+BACKWARD_ON_KERNELS = {"fp8_blockwise", "mxfp8", "mxfp4", "nvfp4", "nvfp4_tiles"}
 
 
 def _operands(seed=0):
@@ -71,8 +76,8 @@ def test_interpret_mode_routes_the_product_to_its_kernel(name, monkeypatch):
     # products here have |y| ~ sum|a.b| / 10, so 1e-4 of max |y| bounds it generously
     scale = float(jnp.max(jnp.abs(y_xla)))
     np.testing.assert_allclose(y, y_xla, rtol=0, atol=1e-4 * scale)
-    if name in BACKWARD_ON_KERNELS:  # the input gradient on the kernel too
-        assert str(jaxpr).count(kernel_name) >= 2
+    if name in BACKWARD_ON_KERNELS:  # forward, input gradient, weight gradient
+        assert str(jaxpr).count(f"name={kernel_name}") == 3, str(jaxpr).count(kernel_name)
         for d, d_xla in ((dx, dx_xla), (dw, dw_xla)):
             np.testing.assert_allclose(d, d_xla, rtol=0,
                                        atol=1e-4 * float(jnp.max(jnp.abs(d_xla))))  # fmt: skip
