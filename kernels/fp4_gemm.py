@@ -24,7 +24,9 @@ float32 result.
 
 This is how a Hopper GPU, which has FP8 but no FP4 or block-scaled MMA, runs an MX or
 NVFP4 product; on compute capability 10 and newer ``jax.nn.scaled_matmul`` takes these
-products, and the kernel declines.
+products, and the kernels decline. On Hopper with JAX >= 0.12 a Pallas Mosaic GPU kernel
+(:mod:`jaxq.kernels.fp4_gemm_mosaic`: the same planes stored to shared memory for bfloat16
+``wgmma``) comes first; the Triton kernel runs elsewhere (compute capability 8.0 to 9.x).
 
 Tolerance: ``|y - y_ref| <= 1e-5 · Σ_k |a_{mk} b_{nk}|`` (float32 summation order).
 
@@ -59,7 +61,7 @@ _FORMATS = {F.MXFP4: "mxfp4", F.NVFP4: "nvfp4"}
 _STEP = 16  # bytes of K per kernel step: 32 elements, one MXFP4 block or two NVFP4 blocks
 
 
-Config = R.GemmConfig  # tiling of the Triton kernel
+Config = R.GemmConfig  # tiling of the Triton kernel (the Mosaic GPU kernel takes block_n)
 
 
 def reference(a: QArray, b: QArray) -> jax.Array:
@@ -82,17 +84,25 @@ def _check_args(a, b) -> None:
                          "same contraction size K (last axis)")  # fmt: skip
 
 
-def why_not(impl: R.Implementation, a: QArray, b: QArray, *, interpret=False) -> str | None:
-    """Why ``impl`` cannot multiply these operands here (``None``: it can)."""
-    reason = R.check_triton(impl, 8.0, interpret)
-    if reason:
-        return reason
+def _operands_why_not(a: QArray, b: QArray) -> str | None:
+    """What the kernels (both take the same operands) cannot multiply, or ``None``."""
     for name, q in (("a", a), ("b", b)):
         lay = q.layout
         if lay.kind != "block" or lay.axes != (1,) or lay.block_size != q.fmt.block_size:
             return f"{name}: layout {lay} (blocks of {q.fmt.block_size} along K)"
     if a.shape[1] % (2 * _STEP):
         return f"K = {a.shape[1]} is not a multiple of {2 * _STEP}"
+    return None
+
+
+def why_not(impl: R.Implementation, a: QArray, b: QArray, *, interpret=False) -> str | None:
+    """Why ``impl`` cannot multiply these operands here (``None``: it can)."""
+    if impl.name == "mosaic_gpu":  # operands no kernel takes are refused first
+        reason = _operands_why_not(a, b) or R.check_mosaic_gpu(impl, 9.0, interpret)
+    else:
+        reason = R.check_triton(impl, 8.0, interpret) or _operands_why_not(a, b)
+    if reason:
+        return reason
     if not interpret and (R.gpu_compute_capability() or 0) >= 10:
         return "FP4 on compute capability >= 10: jax.nn.scaled_matmul (cuDNN) takes it"
     return None
@@ -167,9 +177,10 @@ def fp4_matmul(
     Args:
         a: ``(M, K)`` MXFP4 or NVFP4 QArray, blocks along ``K``.
         b: ``(N, K)`` QArray of the same format.
-        implementation: ``None``, ``"pallas"``, ``"triton"`` or ``"xla"``.
+        implementation: ``None``, ``"pallas"``, ``"mosaic_gpu"`` (Hopper GPU, JAX >= 0.12,
+            :mod:`~jaxq.kernels.fp4_gemm_mosaic`), ``"triton"`` or ``"xla"``.
         interpret: run the Pallas kernel in interpret mode.
-        config: tiling of the Triton kernel.
+        config: tiling of the Triton kernel (the Mosaic GPU kernel takes its ``block_n``).
 
     Returns:
         float32 ``(M, N)``.
@@ -184,6 +195,10 @@ def fp4_matmul(
                     lambda i: why_not(i, a, b, interpret=interpret))  # fmt: skip
     if impl == "xla":
         return reference(a, b)
+    if impl == "mosaic_gpu":
+        from . import fp4_gemm_mosaic
+
+        return fp4_gemm_mosaic.matmul(a, b, interpret, config.block_n if config else None)
     return _triton(a, b, config or Config(), interpret)
 
 
@@ -192,6 +207,9 @@ R.register(R.Kernel(
     module=__name__,
     reference=reference,
     implementations=(
+        R.Implementation("mosaic_gpu", ("gpu",), "NVIDIA GPU, compute capability 9.x "
+                         "(Hopper bfloat16 wgmma), JAX >= 0.12; MXFP4 or NVFP4 on both "
+                         "sides, K a multiple of 32"),
         R.Implementation("triton", ("gpu",), "NVIDIA GPU, compute capability 8.0 to 9.x "
                          "(bfloat16 tensor cores; 10+ takes jax.nn.scaled_matmul); MXFP4 or "
                          "NVFP4 on both sides, K a multiple of 32"),
