@@ -32,8 +32,10 @@ pattern), so the kernel gathers from two small tables per map moment and needs n
 E4M3 codes are integer arithmetic on the float32 pattern (:mod:`jaxq.quantization.cast`).
 
 Operands are in the optimizer's *row layout*: ``(rows, n_pad)`` gradients and codes,
-``(rows, n_pad / B)`` scales (see :mod:`jaxq.optim.blockwise`). The kernel and
-:func:`reference` run the same per-block function (:func:`_block_update`). In interpret
+``(rows, n_pad / B)`` scales (see :mod:`jaxq.optim.blockwise`). The Triton kernel and
+:func:`reference` run the same per-block function (:func:`_block_update`); the Mosaic GPU
+kernel (:mod:`jaxq.kernels.fused_adam_mosaic`, E4M3 moments) the same operations in the
+same order, chunk by chunk. In interpret
 mode the new codes and scales equal :mod:`jaxq.optim`'s XLA path bit for bit, including
 the non-finite-gradient rule (tested); the update ``u`` agrees to float32 rounding of the
 multiply-adds, ``|Δu| <= 1e-6 max(1, |u|)``: compilers contract ``β m + (1 - β) g`` into
@@ -272,7 +274,10 @@ def _triton(g, m_codes, m_scale, v_codes, v_scale, hyper, *, m_map, v_map, sign_
 
 def why_not(impl: R.Implementation, g, m_scale, m_map, v_map, *, interpret=False) -> str | None:
     """Why ``impl`` cannot run this update here (``None``: it can)."""
-    reason = R.check_triton(impl, 8.0, interpret)
+    if impl.name == "mosaic_gpu":
+        reason = R.check_mosaic_gpu(impl, 9.0, interpret)
+    else:
+        reason = R.check_triton(impl, 8.0, interpret)
     if reason:
         return reason
     bs = g.shape[1] // max(m_scale.shape[1], 1)
@@ -281,6 +286,10 @@ def why_not(impl: R.Implementation, g, m_scale, m_map, v_map, *, interpret=False
     for name, spec in (("m_map", m_map), ("v_map", v_map)):
         if _is_map(spec) and (getattr(spec, "search", None) is None or len(spec.values) != 256):
             return f"{name} is not a 256-value map with a bucket table"
+    if impl.name == "mosaic_gpu":
+        from . import fused_adam_mosaic
+
+        return fused_adam_mosaic.why_not(g, m_scale, m_map, v_map)
     return None
 
 
@@ -332,7 +341,10 @@ def adam_update(g, m_codes, m_scale, v_codes, v_scale, hyper, *, m_map, v_map,
             ``"e4m3"`` (:class:`jaxq.optim.codecs.FP8Codec`; a positive second moment
             never rounds to 0).
         sign_fix: the first moment never flips sign on re-encoding.
-        implementation: ``None``, ``"pallas"``, ``"triton"`` or ``"xla"``.
+        implementation: ``None``, ``"pallas"``, ``"mosaic_gpu"`` (Hopper GPU, JAX >= 0.12,
+            E4M3 moments, blocks <= 256: :mod:`~jaxq.kernels.fused_adam_mosaic`),
+            ``"triton"`` or ``"xla"``; with ``interpret=True``, ``"pallas"`` picks the
+            Mosaic GPU kernel where it applies on JAX >= 0.12, else the Triton kernel.
         interpret: run the Pallas kernel in interpret mode.
 
     Returns:
@@ -348,15 +360,23 @@ def adam_update(g, m_codes, m_scale, v_codes, v_scale, hyper, *, m_map, v_map,
     kw = dict(m_map=m_map, v_map=v_map, sign_fix=sign_fix)
     if impl == "xla":
         return reference(g, m_codes, m_scale, v_codes, v_scale, hyper, **kw)
+    if impl == "mosaic_gpu":
+        from . import fused_adam_mosaic
+
+        return fused_adam_mosaic.adam_update(g, m_codes, m_scale, v_codes, v_scale, hyper,
+                                             interpret=interpret)  # fmt: skip
     return tuple(_triton(g, m_codes, m_scale, v_codes, v_scale, hyper, interpret=interpret,
                          **kw))  # fmt: skip
 
 
 _REQ = ("NVIDIA GPU, compute capability >= 8.0; 256-value maps or E4M3, power-of-two "
         "blocks >= 16")
+_REQ_MOSAIC = ("NVIDIA GPU, compute capability >= 9.0, JAX >= 0.12; E4M3 moments (not maps: "
+               "no gather), power-of-two blocks 16-256")
 R.register(R.Kernel(
     name="adam_update", module=__name__, reference=reference,
-    implementations=(R.Implementation("triton", ("gpu",), _REQ), R.XLA),
+    implementations=(R.Implementation("mosaic_gpu", ("gpu",), _REQ_MOSAIC),
+                     R.Implementation("triton", ("gpu",), _REQ), R.XLA),
     tolerance="codes and scales bit-identical in interpret mode, |du| <= 1e-6 max(1, |u|); "
               "on a GPU a contracted multiply-add may move a code by one step at a midpoint",
 ))  # fmt: skip

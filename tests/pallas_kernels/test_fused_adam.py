@@ -109,7 +109,10 @@ def test_adamw_with_the_kernel_equals_the_xla_path_over_steps(make):
     pk = px = params
     step_k, step_x = jax.jit(kernel_tx.update), jax.jit(xla_tx.update)
     jaxpr = str(jax.make_jaxpr(kernel_tx.update)(params, sk, params))
-    assert jaxpr.count("pallas_call") == 3  # w, t and v; "small" keeps float32 moments
+    # w, t and v ("small" keeps float32 moments); a Mosaic GPU kernel (JAX >= 0.12, E4M3
+    # moments) is not a pallas_call in the jaxpr but names itself
+    calls = jaxpr.count("pallas_call") + jaxpr.count("kernel_name='jaxq_adam_update_e4m3_mosaic'")
+    assert calls == 3
     assert "pallas_call" not in str(jax.make_jaxpr(xla_tx.update)(params, sx, params))
     for i in range(3):
         grads = jax.tree.map(lambda p, i=i: jax.random.normal(jax.random.key(i), p.shape), params)
