@@ -52,7 +52,6 @@ from jaxq.kernels import registry as kernel_registry
 from jaxq.ops import operand as O
 from jaxq.ops.dims import Canonical, canonicalize
 from jaxq.ops.hadamard import hadamard
-from jaxq.ops.kernel_dispatch import kernel_product
 from jaxq.ops.spec import OpState, Recipe
 from jaxq.quantization.fake_quant import lsq_quant
 
@@ -285,7 +284,7 @@ def _backward(cfg: _Config, res, g):
         tile = _tile(r.backward_quantizer("rhs"))
         if tile and O.is_quantized(w_saved) and w_saved.shape[1] == n:
             # square tiles are blocks along N as well: a block-scaled kernel's operand
-            dx3 = kernel_product(gq, O.transpose_tiles(w_saved, tile))
+            dx3 = O.kernel_product(gq, O.transpose_tiles(w_saved, tile))
         if dx3 is None:
             w = w_saved if w_saved.shape[1] == n else _pad_rows(O.to_float(w_saved), n)
             dx3 = O.contract(gq, w, (2, 1))
@@ -314,7 +313,7 @@ def _wgrad_along_tokens(cfg: _Config, g3, x_saved, g_amax, key):
     if O.is_quantized(x_saved):
         # where a block-scaled kernel runs, the codes are transposed (blocks along the
         # tokens become blocks along its contraction) rather than dequantized
-        dw3 = kernel_product(O.transpose(gq), O.transpose(x_saved))
+        dw3 = O.kernel_product(O.transpose(gq), O.transpose(x_saved))
         if dw3 is not None:
             return dw3
     return O.contract(O.to_float(gq), _pad_rows(O.to_float(x_saved), rows), (1, 1))

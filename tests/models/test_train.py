@@ -66,7 +66,10 @@ def test_evaluate_matches_reference_windows_and_padding():
 def test_train_step_matches_manual_update_and_does_not_recompile():
     model = GPT(TINY, rngs=nnx.Rngs(0))
     graphdef, params = split_model(model)
-    opt = optax.adamw(1e-2)
+    # Adam's first step is lr * g / (|g| + eps): with a tiny eps it amplifies the rounding
+    # of near-zero gradients (which two separately compiled programs may round differently)
+    # up to lr; eps = 1e-3 keeps the comparison about the step, not that noise
+    opt = optax.adamw(1e-2, eps=1e-3)
     x = jnp.asarray(np.random.default_rng(2).integers(0, 256, (4, 16)), jnp.int32)
     y = jnp.roll(x, -1, axis=1)
 
