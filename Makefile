@@ -14,8 +14,8 @@ STAMP := $(VENV)/.jaxq-installed
 # over recipes and the short end-to-end training runs (marker `sweep`), which the first pass
 # runs; the first leaves out the example scripts, the README quickstart and the wheel
 # install (marker `integration`), which the second runs on the JAX most users have. The
-# cases of a parametrized test are shared: the first runs on both passes, the further ones
-# alternate between them (markers `first_pass_case`, `second_pass_case`; tests/conftest.py).
+# cases of a parametrized test alternate between the passes, so a test with several cases
+# runs on both (markers `first_pass_case`, `second_pass_case`; tests/conftest.py).
 # Without a second interpreter the one pass runs everything.
 PYENV_ROOT ?= $(shell pyenv root 2>/dev/null || echo $$HOME/.pyenv)
 NEWEST_PYTHON ?= $(shell for v in 3.13 3.12; do \

@@ -92,26 +92,35 @@ FIRST_PASS_SKIPS = (
 )
 
 
-# The cases of a parametrized test are shared between the two passes: the first case runs
-# on both JAX versions, the further ones alternate (odd ones on the first pass, marked
-# `first_pass_case`; even ones on the second, `second_pass_case`). Every test function runs
-# on both versions and every case on at least one, in about the time of one full pass.
-# Cases that one pass leaves out anyway (`sweep`, `integration`) are not split.
+# The cases of a parametrized test are shared between the two passes: they alternate, the
+# even ones (the first included) on the second pass, marked `second_pass_case`, the odd ones
+# on the first, `first_pass_case`. A test with two or more cases runs on both JAX versions
+# and each case on one; a test with a single case runs on both. Cases that one pass leaves
+# out anyway (`sweep`, `integration`) are not split.
 
 
 def pytest_collection_modifyitems(config, items):
     import pytest
 
-    seen: dict[str, int] = {}
+    def shared(item) -> bool:
+        return getattr(item, "callspec", None) is not None and not (
+            item.get_closest_marker("sweep") or item.get_closest_marker("integration"))
+
     for item in items:
         if item.nodeid.startswith(SECOND_PASS_SKIPS):
             item.add_marker(pytest.mark.sweep)
         if item.nodeid.startswith(FIRST_PASS_SKIPS):
             item.add_marker(pytest.mark.integration)
-        if getattr(item, "callspec", None) is None or item.get_closest_marker("sweep") \
-                or item.get_closest_marker("integration"):  # fmt: skip
+    cases: dict[str, int] = {}
+    for item in items:
+        if shared(item):
+            function = item.nodeid.split("[", 1)[0]
+            cases[function] = cases.get(function, 0) + 1
+    seen: dict[str, int] = {}
+    for item in items:
+        if not shared(item):
             continue
         function = item.nodeid.split("[", 1)[0]
         i = seen[function] = seen.get(function, -1) + 1
-        if i:
+        if cases[function] > 1:
             item.add_marker(pytest.mark.first_pass_case if i % 2 else pytest.mark.second_pass_case)

@@ -52,8 +52,8 @@ from jaxq.kernels import registry as kernel_registry
 from jaxq.ops import operand as O
 from jaxq.ops.dims import Canonical, canonicalize
 from jaxq.ops.hadamard import hadamard
+from jaxq.ops.lsq import lsq_product
 from jaxq.ops.spec import OpState, Recipe
-from jaxq.quantization.fake_quant import lsq_quant
 
 __all__ = ["dot_general", "residual_nbytes", "check_state"]
 
@@ -361,33 +361,6 @@ def _qdot_jit(lhs, rhs, state, cfg, kernels):
     return _qdot(lhs, rhs, state, cfg)
 
 
-def lsq_operand(x3, q, step):
-    """The LSQ fake-quantized values of a canonical operand (float32; ``q=None``: as is)."""
-    if q is None:
-        return x3.astype(jnp.float32)
-    x3 = x3.astype(jnp.float32)
-    if q.granularity == "block":
-        b, r, k = x3.shape
-        bs = q.block_size
-        y = lsq_quant(x3.reshape(b, r, k // bs, bs), step, q.fmt)
-        return y.reshape(b, r, k)
-    return lsq_quant(x3, step, q.fmt)
-
-
-@functools.partial(jax.jit, static_argnums=(4, 5))
-@functools.partial(jax.checkpoint, static_argnums=(4, 5))
-def _lsq_product(lhs, rhs, lhs_step, rhs_step, canon: Canonical, recipe: Recipe):
-    """The fake-quantized product of learned-step recipes. Rematerialized: the backward
-    pass keeps the operands and steps only and recomputes the quantized values."""
-    xv = lsq_operand(canon.lhs(lhs), recipe.lhs, lhs_step)
-    wv = lsq_operand(canon.rhs(rhs), recipe.rhs, rhs_step)
-    y3 = jax.lax.dot_general(
-        xv, wv, O._CANON, precision=jax.lax.Precision.HIGHEST,
-        preferred_element_type=jnp.float32,
-    )  # fmt: skip
-    return canon.out(y3)
-
-
 def _check_operands(op: str, lhs, rhs) -> None:
     for name, x in (("lhs", lhs), ("rhs", rhs)):
         dt = jnp.result_type(x)
@@ -490,7 +463,7 @@ def dot_general(
                 f"{op}: recipe {recipe.name!r} learns step sizes: pass "
                 "steps=jaxq.recipes.init_steps(recipe, lhs, rhs, dimension_numbers)"
             )
-        out = _lsq_product(lhs, rhs, steps.get("lhs"), steps.get("rhs"), canon, recipe)
+        out = lsq_product(lhs, rhs, steps.get("lhs"), steps.get("rhs"), canon, recipe)
     else:
         check_state(recipe, state, op)
         cfg = _Config(recipe, canon, lhs.dtype, rhs.dtype, op)

@@ -39,8 +39,8 @@ import numpy as np
 
 from jaxq.ops import operand as O
 from jaxq.ops.dims import canonicalize, normalize_dimension_numbers
-from jaxq.ops.dot_general import lsq_operand
 from jaxq.ops.hadamard import hadamard
+from jaxq.ops.lsq import lsq_operand
 from jaxq.ops.spec import Recipe
 from jaxq.quantization import packing
 from jaxq.quantization.codes import encode
