@@ -121,3 +121,44 @@ def assert_same_codes(a, b):
     np.testing.assert_array_equal(np.isnan(fa), np.isnan(fb))
     keep = ~np.isnan(fa)
     np.testing.assert_array_equal(code_bits(a)[keep], code_bits(b)[keep])
+
+
+def assert_mosaic_gpu_version_rule(name, module, args, call):
+    """The Mosaic GPU implementation of kernel ``name`` (its ``module``, operands ``args``)
+    wins in interpret mode on JAX >= 0.12 and, compiled on CPU, says it needs a GPU; on an
+    older JAX Triton wins and ``mosaic_gpu`` says it needs JAX 0.12. ``call(**kw)`` runs the
+    kernel with ``implementation="mosaic_gpu"`` and ``kw``."""
+    impl = R.get(name).implementation("mosaic_gpu")
+    why = lambda i: module.why_not(i, *args, interpret=True)  # noqa: E731
+    if R.jax_version() >= R.MOSAIC_GPU_JAX:
+        assert R.choose(name, "pallas", why) == "mosaic_gpu"
+        assert module.kernel_for(*args, interpret=True) == "mosaic_gpu"
+        assert "needs a GPU" in module.why_not(impl, *args)  # compiled, on CPU
+        with pytest.raises(ValueError, match="mosaic_gpu: needs a GPU"):
+            call()
+    else:
+        assert R.choose(name, "pallas", why) == "triton"
+        assert module.kernel_for(*args, interpret=True) == "triton"
+        assert "JAX >= 0.12" in module.why_not(impl, *args, interpret=True)
+        with pytest.raises(ValueError, match=r"mosaic_gpu: needs JAX >= 0\.12"):
+            call(interpret=True)
+
+
+def assert_same_steps(kernel_tx, xla_tx, params, grads):
+    """Runs two optax transformations side by side over the gradient trees ``grads`` (one
+    per step): the states equal bit for bit after every step, the updates within the fused
+    kernels' tolerance. Returns the last step's updates of ``kernel_tx``."""
+    import optax
+
+    sk, sx = kernel_tx.init(params), xla_tx.init(params)
+    pk = px = params
+    step_k, step_x = jax.jit(kernel_tx.update), jax.jit(xla_tx.update)
+    for g in grads:
+        uk, sk = step_k(g, sk, pk)
+        ux, sx = step_x(g, sx, px)
+        for a, b in zip(jax.tree.leaves(sk), jax.tree.leaves(sx), strict=True):
+            np.testing.assert_array_equal(np.ravel(a).view(np.uint8), np.ravel(b).view(np.uint8))
+        for a, b in zip(jax.tree.leaves(uk), jax.tree.leaves(ux), strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-9)
+        pk, px = optax.apply_updates(pk, uk), optax.apply_updates(px, ux)
+    return uk

@@ -26,6 +26,7 @@ from .common import (
     MOSAIC_GPU_JAX_OK,
     MOSAIC_GPU_REASON,
     abs_product,
+    assert_mosaic_gpu_version_rule,
     assert_within,
     lower_or_skip,
     needs_mosaic_gpu,
@@ -164,22 +165,11 @@ def test_dispatch(monkeypatch):
     assert [i.name for i in kernel.implementations] == ["mosaic_gpu", "triton", "xla"]
     impl = kernel.implementation("mosaic_gpu")
     a, b = _fp4("mxfp4", (4, 64)), _fp4("mxfp4", (8, 64), seed=1)
-    why = lambda i: fp4_gemm.why_not(i, a, b, interpret=True)  # noqa: E731
     assert fp4_gemm.kernel_for(a, b) is None  # CPU, compiled: XLA
     odd = _fp4("nvfp4", (4, 48)), _fp4("nvfp4", (8, 48))
     assert "multiple of 32" in fp4_gemm.why_not(impl, *odd, interpret=True)
-    if MOSAIC_GPU_JAX_OK:
-        assert R.choose("fp4_matmul", "pallas", why) == "mosaic_gpu"
-        assert fp4_gemm.kernel_for(a, b, interpret=True) == "mosaic_gpu"
-        assert "needs a GPU" in fp4_gemm.why_not(impl, a, b)  # compiled, on CPU
-        with pytest.raises(ValueError, match="mosaic_gpu: needs a GPU"):
-            kernels.fp4_matmul(a, b, implementation="mosaic_gpu")
-    else:
-        assert R.choose("fp4_matmul", "pallas", why) == "triton"
-        assert fp4_gemm.kernel_for(a, b, interpret=True) == "triton"
-        assert "JAX >= 0.12" in fp4_gemm.why_not(impl, a, b, interpret=True)
-        with pytest.raises(ValueError, match=r"mosaic_gpu: needs JAX >= 0\.12"):
-            kernels.fp4_matmul(a, b, implementation="mosaic_gpu", interpret=True)
+    assert_mosaic_gpu_version_rule("fp4_matmul", fp4_gemm, (a, b), lambda **kw: kernels.fp4_matmul(
+        a, b, implementation="mosaic_gpu", **kw))  # fmt: skip
     # compiled on a (simulated) GPU: Hopper takes the Mosaic GPU kernel on JAX >= 0.12,
     # Ampere the Triton one, compute capability 10 neither
     monkeypatch.setattr(R, "platform", lambda: "gpu")

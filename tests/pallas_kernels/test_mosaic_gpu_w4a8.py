@@ -23,6 +23,7 @@ from .common import (
     MOSAIC_GPU_JAX_OK,
     MOSAIC_GPU_REASON,
     abs_product,
+    assert_mosaic_gpu_version_rule,
     assert_within,
     lower_or_skip,
     needs_mosaic_gpu,
@@ -180,7 +181,6 @@ def test_dispatch():
     impl = kernel.implementation("mosaic_gpu")
     x = random_qarray("e4m3", "tensor", (2, 128))
     w = random_qarray("int4", 128, (8, 128))
-    why = lambda i: w4a8.why_not(i, x, w, interpret=True)  # noqa: E731
     assert w4a8.kernel_for(x, w) is None  # CPU, compiled: XLA
     # operands no Pallas implementation takes are refused before the JAX version is asked
     g32 = random_qarray("int4", 32, (8, 128))
@@ -190,15 +190,5 @@ def test_dispatch():
                                             rows64, interpret=True)  # fmt: skip
     xb = random_qarray("e4m3", 128, (2, 128))  # 1x128 activation blocks
     assert "activation layout" in w4a8.why_not(impl, xb, w, interpret=True)
-    if NEW_JAX:
-        assert R.choose("w4a8_matmul", "pallas", why) == "mosaic_gpu"
-        assert w4a8.kernel_for(x, w, interpret=True) == "mosaic_gpu"
-        assert "needs a GPU" in w4a8.why_not(impl, x, w)  # compiled, on CPU
-        with pytest.raises(ValueError, match="mosaic_gpu: needs a GPU"):
-            kernels.w4a8_matmul(x, w, implementation="mosaic_gpu")
-    else:
-        assert R.choose("w4a8_matmul", "pallas", why) == "triton"
-        assert w4a8.kernel_for(x, w, interpret=True) == "triton"
-        assert "JAX >= 0.12" in w4a8.why_not(impl, x, w, interpret=True)
-        with pytest.raises(ValueError, match=r"mosaic_gpu: needs JAX >= 0\.12"):
-            kernels.w4a8_matmul(x, w, implementation="mosaic_gpu", interpret=True)
+    assert_mosaic_gpu_version_rule("w4a8_matmul", w4a8, (x, w), lambda **kw: kernels.w4a8_matmul(
+        x, w, implementation="mosaic_gpu", **kw))  # fmt: skip
