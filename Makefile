@@ -25,7 +25,7 @@ NEWEST_PYTHON ?= $(shell for v in 3.13 3.12; do \
 PYVER = $(shell $(1) -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null)
 NEWEST_VER := $(if $(NEWEST_PYTHON),$(call PYVER,$(NEWEST_PYTHON)))
 SECOND := $(if $(filter-out $(call PYVER,$(PYBIN)),$(NEWEST_VER)),$(NEWEST_PYTHON))
-PYTEST_SUITE = -q -n 2 -m "not fidelity" --doctest-modules tests jaxq kernels
+PYTEST_SUITE = -q -n 2 --dist worksteal -m "not fidelity" --doctest-modules tests jaxq kernels
 
 .PHONY: test suite demo fidelity bench lint clean
 
@@ -54,7 +54,7 @@ suite: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_SUITE)
 
 fidelity: $(STAMP)
-	$(BIN)/python -m pytest -q -m "fidelity"
+	JAXQ_TEST_XLA_DEFAULTS=1 $(BIN)/python -m pytest -q -m "fidelity"
 
 demo: $(STAMP)
 	$(BIN)/jaxq demo

@@ -99,7 +99,7 @@ def quantized_apply(graphdef, params, recipe, state, steps, inputs):
 
 
 def make_quantized_train_step(graphdef, optimizer: optax.GradientTransformation, recipe,
-                              *, donate: bool = True):  # fmt: skip
+                              *, donate: bool = True, compiler_options=None):  # fmt: skip
     """A jitted ``(trainable, opt_state, state, inputs, targets) -> (trainable, opt_state,
     state, loss)`` where ``trainable = {"params": ..., "steps": ...}``.
 
@@ -120,7 +120,8 @@ def make_quantized_train_step(graphdef, optimizer: optax.GradientTransformation,
         updates, opt_state = optimizer.update(grads, opt_state, trainable)
         return optax.apply_updates(trainable, updates), opt_state, state, loss
 
-    return jax.jit(step, donate_argnums=(0, 1, 2) if donate else ())
+    return jax.jit(step, donate_argnums=(0, 1, 2) if donate else (),
+                   compiler_options=compiler_options)  # fmt: skip
 
 
 def quantized_window_losses(graphdef, params, recipe, state, steps) -> Any:

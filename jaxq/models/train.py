@@ -99,7 +99,11 @@ def merge_model(graphdef: nnx.GraphDef, params: Params) -> GPT:
 
 
 def make_train_step(
-    graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation, *, donate: bool = True
+    graphdef: nnx.GraphDef,
+    optimizer: optax.GradientTransformation,
+    *,
+    donate: bool = True,
+    compiler_options: dict[str, Any] | None = None,
 ) -> TrainStep:
     """A jitted step ``(params, opt_state, inputs, targets) -> (params, opt_state, loss)``.
 
@@ -112,6 +116,9 @@ def make_train_step(
         optimizer: Any ``optax.GradientTransformation`` (float or jaxq's quantized ones).
         donate: Donate ``params`` and ``opt_state`` buffers to the step (then the caller's
             inputs are invalidated after the call).
+        compiler_options: XLA options for this step's compilation, as ``jax.jit`` takes
+            them (for example ``{"xla_backend_optimization_level": 3}`` to override an
+            ``XLA_FLAGS`` setting for this program only).
 
     Returns:
         The jitted step function.
@@ -140,7 +147,8 @@ def make_train_step(
         updates, opt_state = optimizer.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss
 
-    return jax.jit(step, donate_argnums=(0, 1) if donate else ())
+    return jax.jit(step, donate_argnums=(0, 1) if donate else (),
+                   compiler_options=compiler_options)  # fmt: skip
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -292,6 +300,7 @@ def train(
     max_bytes: int = 1_000_000,
     eval_windows: int | None = 256,
     recipe=None,
+    compiler_options: dict[str, Any] | None = None,
 ) -> TrainResult:
     """Trains ``GPT(config)`` from scratch and reports the loss curve and validation loss.
 
@@ -318,6 +327,8 @@ def train(
         recipe: A :class:`jaxq.ops.Recipe` for every hidden projection (see
             :mod:`jaxq.models.lowp`); the validation loss is then that of the quantized
             forward. ``None`` trains in the parameters' precision.
+        compiler_options: XLA options for the training step's compilation (see
+            :func:`make_train_step`).
 
     Returns:
         A :class:`TrainResult`.
@@ -343,10 +354,11 @@ def train(
     train_tokens = jnp.asarray(train_tokens)
     if recipe is not None:
         return _train_quantized(model, optimizer, recipe, steps, sample, train_tokens,
-                                val_tokens, data_key, eval_windows)  # fmt: skip
+                                val_tokens, data_key, eval_windows,
+                                compiler_options)  # fmt: skip
     graphdef, params = split_model(model)
     opt_state = optimizer.init(params)
-    step_fn = make_train_step(graphdef, optimizer)
+    step_fn = make_train_step(graphdef, optimizer, compiler_options=compiler_options)
     losses = []
     for i in range(steps):
         inputs, targets = sample(train_tokens, jax.random.fold_in(data_key, i))
@@ -358,7 +370,7 @@ def train(
 
 
 def _train_quantized(model, optimizer, recipe, steps, sample, train_tokens, val_tokens,
-                     data_key, eval_windows) -> TrainResult:  # fmt: skip
+                     data_key, eval_windows, compiler_options) -> TrainResult:  # fmt: skip
     from jaxq.models import lowp
 
     first, _ = sample(train_tokens, jax.random.fold_in(data_key, 0))
@@ -368,7 +380,8 @@ def _train_quantized(model, optimizer, recipe, steps, sample, train_tokens, val_
     graphdef, params = split_model(model)
     trainable = {"params": params, "steps": step_sizes}
     opt_state = optimizer.init(trainable)
-    step_fn = lowp.make_quantized_train_step(graphdef, optimizer, recipe)
+    step_fn = lowp.make_quantized_train_step(graphdef, optimizer, recipe,
+                                             compiler_options=compiler_options)
     losses = []
     for i in range(steps):
         inputs, targets = sample(train_tokens, jax.random.fold_in(data_key, i))

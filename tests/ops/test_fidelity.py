@@ -130,6 +130,7 @@ import jax
 import numpy as np
 import optax
 import pytest
+from xla_options import RUN_BOUND
 
 from jaxq import data, recipes
 from jaxq.models import GPTConfig, train
@@ -208,6 +209,7 @@ def run(setup: Setup, name: str, seed: int = 0):
     result = train(
         setup.config, opt, steps=setup.steps, seed=seed, batch_size=setup.batch_size,
         max_bytes=setup.max_bytes, eval_windows=setup.eval_windows,
+        compiler_options=RUN_BOUND,
         recipe=make_recipe(setup, name),
     )  # fmt: skip
     WALL[(setup, name, seed)] = time.perf_counter() - t0

@@ -28,6 +28,7 @@ import jax
 import numpy as np
 import optax
 import pytest
+from xla_options import RUN_BOUND
 
 from jaxq import data, optim
 from jaxq.models import GPTConfig, train
@@ -77,6 +78,7 @@ def run(setup: Setup, name: str, seed: int = 0):
     return train(
         setup.config, opt, steps=setup.steps, seed=seed, batch_size=setup.batch_size,
         max_bytes=setup.max_bytes, eval_windows=setup.eval_windows,
+        compiler_options=RUN_BOUND,
     )
 
 

@@ -1,11 +1,14 @@
 """jaxq.optim against an independent float64 numpy implementation and against optax."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import optax
 import pytest
+from xla_options import RUN_BOUND
 
 from jaxq import optim
 
@@ -200,7 +203,7 @@ def _resync_run(tx, codecs, steps, shape, *, sync_moments):
     p = jax.random.normal(key, shape) * 0.1
     s, r = tx.init(p), ref_tx.init(p)
 
-    @jax.jit
+    @functools.partial(jax.jit, compiler_options=RUN_BOUND)
     def step(p, s, r, key):
         if sync_moments:  # the reference starts from our dequantized moments
             m = codecs[0].decode(s[0].mu, shape)
