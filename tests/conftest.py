@@ -14,10 +14,12 @@ def _xla_flags() -> str:
     Compiling dominates this suite. Both flags act after XLA's HLO optimizations, on the
     code generation of the same optimized program: level 0 skips LLVM's optimization
     pipeline (about half the compile time of a small program), and on jaxlib 0.10 the MLIR
-    fusion emitters are about a third of XLA:CPU's compile time. Measured on 2 cores, on the
-    same day: the first pass 10.9 min against 14.7 min with XLA's defaults, the second 7.6
-    min against 10.4. The price: loops are not vectorized, so the few run-bound tests (the
-    short fidelity runs) take about twice as long, and the last bits of ``a * b + c``,
+    fusion emitters are about a third of XLA:CPU's compile time. Measured on 2 cores
+    (2026-12-02): the first pass 10.9 min against 14.7 min with XLA's defaults the same day,
+    the second 7.6 min against 10.4 (2026-11-30). The price: loops are not vectorized, so
+    the few run-bound tests (the short fidelity runs) would take about twice as long
+    (``tests/xla_options.py`` compiles them at the default level), and the last bits of
+    ``a * b + c``,
     ``tanh`` or a small matmul may differ from a default build (floating-point contraction
     and vectorized reductions); no test depends on those bits, and ``make fidelity``,
     ``make bench`` and ``make demo`` run with XLA's defaults. ``JAXQ_TEST_XLA_DEFAULTS=1``

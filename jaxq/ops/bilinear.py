@@ -26,9 +26,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxq.ops import operand as O
-from jaxq.ops.dot_general import _Bits, _check_operands, _state_cotangent, check_state
-from jaxq.ops.dot_general import _history_amax as _amax
 from jaxq.ops.spec import OpState, Quantizer, Recipe
+from jaxq.ops.vjp_state import Bits, check_operands, check_state, state_cotangent
+from jaxq.ops.vjp_state import history_amax as _amax
 from jaxq.quantization.qdq import quantize
 
 __all__ = ["conv_general_dilated", "ragged_dot"]
@@ -80,7 +80,7 @@ def _fwd(lhs, rhs, state, aux, cfg: _Bilinear):
     }
     if r.backward_operands == "float":
         xq, wq = lhs, rhs
-    return y, (_Bits.wrap((xq, wq)), state, aux, observed)
+    return y, (Bits.wrap((xq, wq)), state, aux, observed)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
@@ -101,7 +101,7 @@ def _bwd(cfg: _Bilinear, res, g):
         observed["grad"] = O.observe_amax(g)
     aux_ct = jax.tree.map(lambda a: np.zeros(jnp.shape(a), jax.dtypes.float0), aux)
     dx, dw = dx.astype(cfg.lhs_dtype), dw.astype(cfg.rhs_dtype)
-    return dx, dw, _state_cotangent(state, observed), aux_ct
+    return dx, dw, state_cotangent(state, observed), aux_ct
 
 
 _qbilinear.defvjp(_fwd, _bwd)
@@ -114,7 +114,7 @@ def _apply(fn, lhs, rhs, aux, recipe, state, rhs_row_axes, op, out_dtype):
     if recipe.learned_step or recipe.hadamard_wgrad:
         raise ValueError(f"{op}: recipe {recipe.name!r} uses learned steps or Hadamard "
                          "rotations, which only jaxq.ops.dot_general/einsum support")  # fmt: skip
-    _check_operands(op, lhs, rhs)
+    check_operands(op, lhs, rhs)
     check_state(recipe, state, op)
     cfg = _Bilinear(fn, recipe, rhs_row_axes, lhs.dtype, rhs.dtype, op)
     return _qbilinear_jit(lhs, rhs, state, aux, cfg).astype(out_dtype)

@@ -42,7 +42,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -54,6 +54,7 @@ from jaxq.ops.dims import Canonical, canonicalize
 from jaxq.ops.hadamard import hadamard
 from jaxq.ops.lsq import lsq_product
 from jaxq.ops.spec import OpState, Recipe
+from jaxq.ops.vjp_state import Bits, check_operands, check_state, history_amax, state_cotangent
 
 __all__ = ["dot_general", "residual_nbytes", "check_state"]
 
@@ -70,55 +71,11 @@ class _Config:
     op: str
 
 
-def _is_f8(dtype) -> bool:
-    return jnp.issubdtype(dtype, jnp.floating) and np.dtype(dtype).itemsize == 1
-
-
-@jax.tree_util.register_pytree_node_class
-class _Bits:
-    """Saved operands with their 8-bit float arrays (FP8 codes, E8M0 scales) held as uint8
-    bit patterns. Under ``scan`` (layers stacked by ``nn.scan``/``nnx.scan``) every residual
-    is stacked across iterations, and XLA:CPU stacks 8-bit float arrays far more slowly than
-    integers: the gradient of two scanned 1024×128×128 MXFP8 layers took 16.6 ms with float8
-    residuals and 8.0 ms with uint8 ones (FP8 current scaling: 10.5 ms and 6.0 ms). Bitcasts
-    are free, and the values are bit-identical."""
-
-    def __init__(self, treedef, dtypes, leaves):
-        self.treedef, self.dtypes, self.leaves = treedef, dtypes, leaves
-
-    @classmethod
-    def wrap(cls, tree) -> _Bits:
-        leaves, treedef = jax.tree.flatten(tree)
-        dtypes = tuple(leaf.dtype for leaf in leaves)
-        bits = [jax.lax.bitcast_convert_type(leaf, jnp.uint8) if _is_f8(d) else leaf
-                for leaf, d in zip(leaves, dtypes, strict=True)]  # fmt: skip
-        return cls(treedef, dtypes, bits)
-
-    def unwrap(self):
-        leaves = [jax.lax.bitcast_convert_type(leaf, d) if _is_f8(d) else leaf
-                  for leaf, d in zip(self.leaves, self.dtypes, strict=True)]  # fmt: skip
-        return jax.tree.unflatten(self.treedef, leaves)
-
-    def tree_flatten(self):
-        return self.leaves, (self.treedef, self.dtypes)
-
-    @classmethod
-    def tree_unflatten(cls, aux, leaves):
-        return cls(aux[0], aux[1], list(leaves))
-
-
 def _keys(state: OpState | None, recipe: Recipe) -> dict[str, jax.Array | None]:
     if not recipe.needs_key:
         return dict.fromkeys(_KEY_NAMES)
     keys = jax.random.split(state.key(), len(_KEY_NAMES))
     return {name: keys[i] for i, name in enumerate(_KEY_NAMES)}
-
-
-def _history_amax(state: OpState | None, recipe: Recipe, role: str) -> jax.Array | None:
-    if role not in recipe.delayed_roles:
-        return None
-    hist = state.history(role)
-    return hist[0] if recipe.amax_compute == "most_recent" else jnp.max(hist)
 
 
 def _block(q) -> int:
@@ -195,21 +152,27 @@ def _forward(lhs, rhs, state, cfg: _Config):
     r, c = cfg.recipe, cfg.canon
     keys = _keys(state, r)
     x3, w3 = c.lhs(lhs), c.rhs(rhs)
-    la, ra = _history_amax(state, r, "lhs"), _history_amax(state, r, "rhs")
-    xq = O.quantize_operand(x3, r.lhs, amax=la, key=keys["lhs"], where=f"{cfg.op} lhs")
-    wq = O.quantize_operand(w3, r.rhs, amax=ra, key=keys["rhs"], where=f"{cfg.op} rhs")
+    la, ra = history_amax(state, r, "lhs"), history_amax(state, r, "rhs")
+    wb, xb = r.backward_quantizer("rhs"), r.backward_quantizer("lhs")
+    xq, xq_t = _quantize(x3, r.lhs, la, keys["lhs"], f"{cfg.op} lhs",
+                         xb is not None and not _x_ready(cfg) and not _wgrad_in_place(cfg))
+    wq, wq_t = _quantize(w3, r.rhs, ra, keys["rhs"], f"{cfg.op} rhs",
+                         wb is not None and not _w_ready(cfg))  # fmt: skip
     y3 = O.matmul(xq, wq)
 
     # The input gradient contracts w along N: saved as (B, K, N) or transposed later.
-    wb, xb = r.backward_quantizer("rhs"), r.backward_quantizer("lhs")
-    if not _w_ready(cfg):
+    if wq_t is not None:
+        w_saved = _Transposed(wq_t)
+    elif not _w_ready(cfg):
         w_saved = w3 if wb is None else wq
     else:
         wt = _pad(w3.transpose(0, 2, 1), _multiple_n(cfg))
         where = f"{cfg.op} rhs (transposed)"
         w_saved = O.quantize_operand(wt, wb, key=keys["rhs_t"], where=where)
     # The weight gradient contracts x along M (tokens): saved as (B, K, M) or transposed.
-    if not _x_ready(cfg):
+    if xq_t is not None:
+        x_saved = _Transposed(xq_t)
+    elif not _x_ready(cfg):
         x_saved = x3 if xb is None else xq
     elif _wgrad_in_place(cfg):
         x_saved = O.quantize_operand(
@@ -227,9 +190,31 @@ def _forward(lhs, rhs, state, cfg: _Config):
         "lhs": O.observe_amax(x3) if "lhs" in r.delayed_roles else None,
         "rhs": O.observe_amax(w3) if "rhs" in r.delayed_roles else None,
     }
-    res = (_Bits.wrap((w_saved, x_saved)), keys, _history_amax(state, r, "grad"), observed,
+    res = (Bits.wrap((w_saved, x_saved)), keys, history_amax(state, r, "grad"), observed,
            state)  # fmt: skip
     return c.out(y3), res
+
+
+class _Transposed(NamedTuple):
+    """A saved operand already in its backward product's orientation: the transposed copy
+    that the cast-transpose kernel writes beside the codes (``(B, K, R)`` for ``(B, R, K)``)."""
+
+    operand: Any
+
+
+def _quantize(x3, q, amax, key, where: str, transposed: bool):
+    """``(quantize_operand(x3, q), its transpose or None)``: with ``transposed``, the copy
+    where a cast-transpose kernel writes it in the same pass."""
+    if transposed:
+        return O.quantize_operand_and_transpose(x3, q, amax=amax, key=key, where=where)
+    return O.quantize_operand(x3, q, amax=amax, key=key, where=where), None
+
+
+def _oriented(saved, ready: bool):
+    """A saved operand in its backward product's orientation."""
+    if isinstance(saved, _Transposed):
+        return saved.operand
+    return saved if ready else O.transpose(saved)
 
 
 def _w_ready(cfg: _Config) -> bool:
@@ -250,36 +235,19 @@ def _x_ready(cfg: _Config) -> bool:
     return cfg.recipe.hadamard_wgrad or requantize
 
 
-def _observation(state: OpState, role: str, amax) -> jax.Array | None:
-    hist = state.history(role)
-    if hist is None:
-        return None
-    if amax is None:
-        return jnp.zeros_like(hist)
-    return jnp.zeros_like(hist).at[0].set(amax)
-
-
-def _state_cotangent(state: OpState | None, observed: dict):
-    if state is None:
-        return None
-    return OpState(
-        lhs_history=_observation(state, "lhs", observed.get("lhs")),
-        rhs_history=_observation(state, "rhs", observed.get("rhs")),
-        grad_history=_observation(state, "grad", observed.get("grad")),
-        seed=None if state.seed is None else jnp.zeros_like(state.seed),
-    )
-
-
 def _backward(cfg: _Config, res, g):
     r, c = cfg.recipe, cfg.canon
     saved, keys, g_amax, observed, state = res
     w_saved, x_saved = saved.unwrap()
     g3 = c.out3(g)
-    gq = O.quantize_operand(_pad(g3, _multiple_n(cfg)), r.grad, amax=g_amax, key=keys["grad"],
-                            where=f"{cfg.op} grad")  # fmt: skip
+    in_place = _wgrad_in_place(cfg)
+    transposed = (r.grad is not None and r.grad.orientation_free and not r.hadamard_wgrad
+                  and not in_place)  # fmt: skip
+    gq, gq_t = _quantize(_pad(g3, _multiple_n(cfg)), r.grad, g_amax, keys["grad"],
+                         f"{cfg.op} grad", transposed)  # fmt: skip
     # w (B, N, K) contracted along N as it lies, where no GEMM needs it transposed
     dx3 = None
-    if not _w_ready(cfg):
+    if not _w_ready(cfg) and not isinstance(w_saved, _Transposed):
         n = gq.shape[2]  # the gradient's output axis, zero-padded to its blocks
         tile = _tile(r.backward_quantizer("rhs"))
         if tile and O.is_quantized(w_saved) and w_saved.shape[1] == n:
@@ -289,20 +257,19 @@ def _backward(cfg: _Config, res, g):
             w = w_saved if w_saved.shape[1] == n else _pad_rows(O.to_float(w_saved), n)
             dx3 = O.contract(gq, w, (2, 1))
     if dx3 is None:
-        w_op = w_saved if _w_ready(cfg) else O.transpose(w_saved)
-        dx3 = O.matmul(*_align(gq, w_op))
+        dx3 = O.matmul(*_align(gq, _oriented(w_saved, _w_ready(cfg))))
 
-    if _wgrad_in_place(cfg):
+    if in_place:
         dw3 = _wgrad_along_tokens(cfg, g3, x_saved, g_amax, keys["grad_t"])
     else:
-        dw3 = _wgrad_transposed(cfg, g3, gq, x_saved, g_amax, keys)
+        dw3 = _wgrad_transposed(cfg, g3, gq, gq_t, x_saved, g_amax, keys)
 
     observed = dict(observed)
     if "grad" in r.delayed_roles:
         observed["grad"] = O.observe_amax(g3)
     dlhs = c.lhs_back(dx3).astype(cfg.lhs_dtype)
     drhs = c.rhs_back(dw3).astype(cfg.rhs_dtype)
-    return dlhs, drhs, _state_cotangent(state, observed)
+    return dlhs, drhs, state_cotangent(state, observed)
 
 
 def _wgrad_along_tokens(cfg: _Config, g3, x_saved, g_amax, key):
@@ -319,8 +286,9 @@ def _wgrad_along_tokens(cfg: _Config, g3, x_saved, g_amax, key):
     return O.contract(O.to_float(gq), _pad_rows(O.to_float(x_saved), rows), (1, 1))
 
 
-def _wgrad_transposed(cfg: _Config, g3, gq, x_saved, g_amax, keys):
-    """The weight gradient as a canonical product of the transposed operands."""
+def _wgrad_transposed(cfg: _Config, g3, gq, gq_t, x_saved, g_amax, keys):
+    """The weight gradient as a canonical product of the transposed operands (``gq_t``:
+    ``gq``'s transposed copy where the kernel that quantized it wrote one, else ``None``)."""
     r = cfg.recipe
     if r.hadamard_wgrad or not (r.grad is None or r.grad.orientation_free):
         gt = _pad(g3.transpose(0, 2, 1), _multiple_m(cfg))
@@ -330,13 +298,13 @@ def _wgrad_transposed(cfg: _Config, g3, gq, x_saved, g_amax, keys):
                                   where=f"{cfg.op} grad (transposed)")  # fmt: skip
     else:
         # gq: g itself for a straight-through gradient, else its tensor-scaled codes
-        if not _x_ready(cfg):  # g and x contracted along the tokens as they lie, if possible
+        # g and x contracted along the tokens as they lie, if possible
+        if gq_t is None and not _x_ready(cfg) and not isinstance(x_saved, _Transposed):
             dw3 = O.contract(gq, x_saved, (1, 1))
             if dw3 is not None:
                 return dw3
-        gq_t = O.transpose(gq)
-    x_op = x_saved if _x_ready(cfg) else O.transpose(x_saved)
-    return O.matmul(*_align(gq_t, x_op))
+        gq_t = O.transpose(gq) if gq_t is None else gq_t
+    return O.matmul(*_align(gq_t, _oriented(x_saved, _x_ready(cfg))))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
@@ -359,44 +327,6 @@ def _qdot_jit(lhs, rhs, state, cfg, kernels):
     which the products' kernel dispatch reads while tracing) keys the cache."""
     del kernels
     return _qdot(lhs, rhs, state, cfg)
-
-
-def _check_operands(op: str, lhs, rhs) -> None:
-    for name, x in (("lhs", lhs), ("rhs", rhs)):
-        dt = jnp.result_type(x)
-        if not jnp.issubdtype(dt, jnp.floating) or dt == jnp.float64:
-            raise TypeError(
-                f"{op}: {name} has dtype {dt} (lhs {jnp.shape(lhs)}, rhs {jnp.shape(rhs)}); "
-                "quantized matmuls take float32, bfloat16 or float16 operands"
-            )
-
-
-def check_state(recipe: Recipe, state, op: str = "dot_general") -> None:
-    """Raises ``ValueError`` (naming the path) if ``state`` is not what ``recipe.init`` makes."""
-    want = jax.eval_shape(lambda: recipe.init(jax.random.key(0) if recipe.needs_key else None))
-    if want is None:
-        if state is not None:
-            raise ValueError(f"{op}: recipe {recipe.name!r} is stateless, but a state was given")
-        return
-    if state is None:
-        raise ValueError(
-            f"{op}: recipe {recipe.name!r} needs its state (amax histories / PRNG key): "
-            "pass state=recipe.init(...)"
-        )
-    if not isinstance(state, OpState):
-        raise ValueError(f"{op}: state must be a jaxq.ops.OpState, got {type(state).__name__}")
-    for f in dataclasses.fields(OpState):
-        w, s = getattr(want, f.name), getattr(state, f.name)
-        if (w is None) != (s is None):
-            raise ValueError(
-                f"{op}: state.{f.name} is {'missing' if s is None else 'unexpected'} for "
-                f"recipe {recipe.name!r}"
-            )
-        if w is not None and (tuple(jnp.shape(s)) != w.shape or jnp.result_type(s) != w.dtype):
-            raise ValueError(
-                f"{op}: state.{f.name} has shape {tuple(jnp.shape(s))} and dtype "
-                f"{jnp.result_type(s)}, expected {w.shape} {w.dtype} for recipe {recipe.name!r}"
-            )
 
 
 def dot_general(
@@ -452,7 +382,7 @@ def dot_general(
     if not isinstance(recipe, Recipe):
         raise TypeError(f"{op}: recipe must be a jaxq.ops.Recipe or None, got {recipe!r}")
     lhs, rhs = jnp.asarray(lhs), jnp.asarray(rhs)
-    _check_operands(op, lhs, rhs)
+    check_operands(op, lhs, rhs)
     canon = canonicalize(lhs.shape, rhs.shape, dimension_numbers, op)
     out_dtype = preferred_element_type or jnp.result_type(lhs, rhs)
     if recipe.learned_step:

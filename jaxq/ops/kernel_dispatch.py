@@ -28,7 +28,8 @@ K (Hopper; Blackwell as above)                 elements exact in bfloat16 MMAs)
 quantizer                                      kernel
 =============================================  ==========================================
 E4M3 / E5M2, one tensor scale: current         :func:`jaxq.kernels.cast_transpose` (its
-scaling (absmax), delayed or static            codes; the transposed copy is unused)
+scaling (absmax), delayed or static            codes, and their transposed copy for the
+                                               backward products)
 MXFP8 / MXFP4 (OCP scales) or NVFP4 in blocks  :func:`jaxq.kernels.block_quantize`
 along K, absmax calibration
 =============================================  ==========================================
@@ -46,6 +47,13 @@ of :func:`jaxq.ops.dot_general`) gives exactly what it gives on XLA. (Within
 :func:`jaxq.ops.dot_general` every quantizer runs inside the forward or backward rule of a
 ``jax.custom_vjp``, which JAX never differentiates for a first-order gradient; learned
 step sizes do not use ``quantize_operand``.)
+
+A tensor-scaled FP8 layer contracts x, w and the gradient along both of their axes (x
+along K, then along the tokens for the weight gradient; w along K, then along N; the
+gradient along N, then along the tokens). Where the cast-transpose kernel quantizes them
+(:func:`kernel_cast_transpose`, :func:`jaxq.ops.operand.quantize_operand_and_transpose`),
+:func:`jaxq.ops.dot_general` saves its transposed copy for the backward product instead of
+the codes, as Transformer Engine does, and no code is transposed again.
 
 The backward products reach the same kernels. The weight gradient of a recipe whose
 gradient has ``1 × b`` blocks quantizes both operands in blocks along the tokens; their
@@ -93,7 +101,7 @@ from jaxq.quantization.calibration import Absmax
 from jaxq.quantization.qarray import Layout, QArray
 from jaxq.quantization.qdq import quantize
 
-__all__ = ["kernel_product", "kernel_quantize", "interpret_requested"]
+__all__ = ["kernel_product", "kernel_quantize", "kernel_cast_transpose", "interpret_requested"]
 
 _TENSOR_FP8 = (F.E4M3, F.E5M2)
 _BLOCK_FORMATS = (F.MXFP8, F.MXFP4, F.NVFP4)
@@ -184,44 +192,51 @@ def _xla_quantize(x3, amax, fmt) -> QArray:
     return quantize(x3, fmt, amax=amax)
 
 
+def _swap_tensor_codes(q: QArray) -> QArray:
+    """A tensor-scaled ``(B, R, K)`` QArray as its ``(B, K, R)`` transpose (the same scale)."""
+    b, r, k = q.shape
+    return QArray(q.codes.transpose(0, 2, 1), q.scale, q.zero_point, q.tensor_scale, q.fmt,
+                  (b, k, r), q.dtype, q.layout)  # fmt: skip
+
+
 @functools.partial(jax.jit, static_argnames=("fmt", "impl", "interpret"))
-def _fused_jit(x3, amax, *, fmt, impl, interpret) -> QArray:
+def _fused_jit(x3, amax, *, fmt, impl, interpret) -> tuple[QArray, QArray | None]:
     """The fused quantizer on ``x3[0]``, its 2-D QArray rebuilt as ``jaxq.quantize``'s 3-D
-    one (``Layout("tensor")``, or blocks along axis 2 with scales ``(1, R, K / b)``)."""
+    one (``Layout("tensor")``, or blocks along axis 2 with scales ``(1, R, K / b)``), and
+    for the cast-transpose kernel its transposed copy ``(1, K, R)`` (else ``None``)."""
     x2 = x3[0]
+    b, r, k = x3.shape
+    dt = np.dtype(x3.dtype)
     if fmt in _TENSOR_FP8:
-        q, _, _ = fused_quantize.cast_transpose(x2, fmt, amax=amax, implementation=impl,
-                                                interpret=interpret)  # fmt: skip
-        scale, layout = q.scale, Layout("tensor")
-    else:
-        q = fused_quantize.block_quantize(x2, fmt, implementation=impl, interpret=interpret)
-        scale, layout = q.scale[None], Layout("block", (2,), fmt.block_size)
-    return QArray(q.codes[None], scale, None, q.tensor_scale, fmt, tuple(x3.shape),
-                  np.dtype(x3.dtype), layout)  # fmt: skip
+        q, qt, _ = fused_quantize.cast_transpose(x2, fmt, amax=amax, implementation=impl,
+                                                 interpret=interpret)  # fmt: skip
+        tensor = Layout("tensor")
+        return (QArray(q.codes[None], q.scale, None, None, fmt, (b, r, k), dt, tensor),
+                QArray(qt.codes[None], qt.scale, None, None, fmt, (b, k, r), dt, tensor))
+    q = fused_quantize.block_quantize(x2, fmt, implementation=impl, interpret=interpret)
+    layout = Layout("block", (2,), fmt.block_size)
+    return QArray(q.codes[None], q.scale[None], None, q.tensor_scale, fmt, (b, r, k), dt,
+                  layout), None  # fmt: skip
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3, 4))
-def _fused(x3, amax, fmt, impl, interpret) -> QArray:
+def _fused(x3, amax, fmt, impl, interpret) -> tuple[QArray, QArray | None]:
     return _fused_jit(x3, amax, fmt=fmt, impl=impl, interpret=interpret)
 
 
 @_fused.defjvp
 def _fused_jvp(fmt, impl, interpret, primals, tangents):
     # A Pallas call has no derivative rule: the tangents are the XLA quantizer's own.
-    _, t_out = jax.jvp(lambda x, a: _xla_quantize(x, a, fmt), primals, tangents)
+    def xla(x, a):
+        q = _xla_quantize(x, a, fmt)
+        return q, (_swap_tensor_codes(q) if fmt in _TENSOR_FP8 else None)
+
+    _, t_out = jax.jvp(xla, primals, tangents)
     return _fused(*primals, fmt, impl, interpret), t_out
 
 
-def kernel_quantize(x3, q, *, amax=None, axis: int = 2) -> QArray | None:
-    """``quantize_operand(x3, q)`` by a fused quantizer kernel, or ``None`` (module doc).
-
-    Args:
-        x3: the canonical operand ``(B, R, K)``.
-        q: its :class:`~jaxq.ops.Quantizer`.
-        amax: the tensor amax ``quantize_operand`` hands ``jaxq.quantize`` (delayed or
-            static scaling), ``None`` where the quantizer's calibration decides.
-        axis: the quantized axis (only ``2``, the contraction, has kernels).
-    """
+def _fused_quantizer(x3, q, amax, axis: int) -> tuple[QArray, QArray | None] | None:
+    """The fused quantizer's ``(QArray, transposed copy or None)`` where one runs."""
     interpret = interpret_requested()
     if not (interpret or jax.device_count() == 1):
         return None
@@ -238,3 +253,36 @@ def kernel_quantize(x3, q, *, amax=None, axis: int = 2) -> QArray | None:
         return None
     amax = None if amax is None else jnp.asarray(amax, jnp.float32)
     return _fused(jnp.asarray(x3), amax, q.fmt, impl, interpret)
+
+
+def kernel_quantize(x3, q, *, amax=None, axis: int = 2) -> QArray | None:
+    """``quantize_operand(x3, q)`` by a fused quantizer kernel, or ``None`` (module doc).
+
+    Args:
+        x3: the canonical operand ``(B, R, K)``.
+        q: its :class:`~jaxq.ops.Quantizer`.
+        amax: the tensor amax ``quantize_operand`` hands ``jaxq.quantize`` (delayed or
+            static scaling), ``None`` where the quantizer's calibration decides.
+        axis: the quantized axis (only ``2``, the contraction, has kernels).
+    """
+    fused = _fused_quantizer(x3, q, amax, axis)
+    return None if fused is None else fused[0]
+
+
+def kernel_cast_transpose(x3, q, *, amax=None) -> tuple[QArray, QArray] | None:
+    """``(quantize_operand(x3, q), transpose of it)`` from one pass of the cast-transpose
+    kernel, or ``None`` where it does not run (module doc).
+
+    The transposed copy ``(B, K, R)``, the same codes and tensor scale, is what the
+    backward products of a tensor-scaled FP8 layer contract: written by the kernel that
+    quantizes, it saves reading the codes again to transpose them.
+
+    Args:
+        x3: the canonical operand ``(B, R, K)``.
+        q: its :class:`~jaxq.ops.Quantizer`.
+        amax: as for :func:`kernel_quantize`.
+    """
+    fused = _fused_quantizer(x3, q, amax, 2)
+    if fused is None or fused[1] is None:
+        return None
+    return fused

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxq import formats as F
-from jaxq.ops.kernel_dispatch import kernel_product, kernel_quantize
+from jaxq.ops.kernel_dispatch import kernel_cast_transpose, kernel_product, kernel_quantize
 from jaxq.ops.spec import Quantizer
 from jaxq.quantization import packing
 from jaxq.quantization.calibration import Absmax, finite_abs
@@ -101,6 +101,51 @@ def quantize_operand(
     """
     if q is None:
         return x3
+    kw, given = _quantizer_arguments(x3, q, amax, key, where, axis)
+    fused = kernel_quantize(x3, q, amax=given, axis=axis)  # the same QArray, where one runs
+    if fused is not None:
+        return fused
+    return _quantize(x3, q, kw, given)
+
+
+def quantize_operand_and_transpose(
+    x3: jax.Array,
+    q: Quantizer | None,
+    *,
+    amax: jax.Array | None = None,
+    key: jax.Array | None = None,
+    where: str = "operand",
+) -> tuple[Operand, Operand | None]:
+    """``quantize_operand(x3, q)`` and, where the cast-transpose kernel of
+    :mod:`jaxq.kernels` writes it in the same pass, its :func:`transpose` (else ``None``).
+
+    A tensor-scaled FP8 layer contracts each operand along both of its axes: ``x`` along
+    K in the forward and along the tokens for the weight gradient, ``w`` along K and then
+    along N, the gradient along N and then along the tokens. The kernel that reads ``x``
+    once for its amax and codes writes the codes in both orientations (Transformer
+    Engine's cast-transpose), so the backward product reads a transposed copy that is
+    already there instead of transposing the codes again. Arguments as for
+    :func:`quantize_operand`.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> q, qt = quantize_operand_and_transpose(jnp.ones((1, 4, 8)), Quantizer("e4m3"))
+        >>> q.shape, qt is None  # on CPU: no kernel, no copy
+        ((1, 4, 8), True)
+    """
+    if q is None:
+        return x3, None
+    kw, given = _quantizer_arguments(x3, q, amax, key, where, 2)
+    both = kernel_cast_transpose(x3, q, amax=given)
+    if both is not None:
+        return both
+    fused = kernel_quantize(x3, q, amax=given)
+    return (fused if fused is not None else _quantize(x3, q, kw, given)), None
+
+
+def _quantizer_arguments(x3, q: Quantizer, amax, key, where: str, axis: int):
+    """Checks ``x3`` against ``q``; returns ``jaxq.quantize``'s keyword arguments and the
+    amax it is given (``None``: the calibration decides)."""
     b, r, k = x3.shape
     fmt, bs = q.fmt, q.block_size
     if axis == 1 and (q.granularity != "block" or r % bs):
@@ -137,13 +182,15 @@ def quantize_operand(
     if q.power_of_two and not (isinstance(fmt, F.BlockFormat) and not fmt.is_mx):
         # MX: an amax of s·max gives the E8M0 exponent log2(s) (the round-up rule).
         given = _pow2_amax(_group_stat(x3, q, jnp.max, axis) if given is None else given, m)
-    fused = kernel_quantize(x3, q, amax=given, axis=axis)  # the same QArray, where one runs
-    if fused is not None:
-        return fused
+    return kw, given
+
+
+def _quantize(x3, q: Quantizer, kw: dict, given) -> QArray:
+    """``jaxq.quantize`` as :func:`quantize_operand` calls it (the XLA path)."""
     if given is not None:
-        return quantize(x3, fmt, amax=given, **kw)
+        return quantize(x3, q.fmt, amax=given, **kw)
     calibration = q.calibration if not isinstance(q.calibration, str) else Absmax()
-    return quantize(x3, fmt, calibration=calibration, **kw)
+    return quantize(x3, q.fmt, calibration=calibration, **kw)
 
 
 def scaling_amax(x: jax.Array, q: Quantizer, amax: jax.Array | None) -> jax.Array | None:

@@ -11,6 +11,7 @@ The products are kept on XLA here (their kernels agree within a tolerance, not b
 
 import dataclasses
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
@@ -121,6 +122,13 @@ def test_quantize_operand_is_the_xla_qarray(fmt, monkeypatch):
     assert (CT if not block else f"jaxq_{fmt}_quantize") in jaxpr
     for g, w in zip(got, want, strict=True):
         assert_same_qarray(g, w)
+    # the cast-transpose kernel's second output: the transposed codes, the same scale
+    both = O.quantize_operand_and_transpose(x, q)
+    assert_same_qarray(both[0], want[0])
+    if block:
+        assert both[1] is None
+    else:
+        assert_same_qarray(both[1], O.transpose(want[0]))
 
 
 def _step(recipe, x, w, gy, state):
@@ -156,6 +164,42 @@ def test_products_and_gradients_are_the_xla_ones(name, monkeypatch):
         assert_same_product(g, v, s)
     for g, v in zip(jax.tree.leaves(got[3]), jax.tree.leaves(want[3]), strict=True):
         np.testing.assert_array_equal(g, v)  # the observed amaxes
+
+
+@pytest.mark.parametrize("name", ["fp8_current", "fp8_delayed"])
+def test_the_backward_reads_the_cast_transpose_copies(name, monkeypatch):
+    """Tensor-scaled FP8: the backward products contract x, w and the gradient along their
+    other axis. Where the GEMM needs them transposed (a GPU's FP8 GEMM; here ``contract``
+    declines as it does there), XLA transposes the codes; the cast-transpose kernel wrote
+    those copies already, so no code is transposed again, and the gradients are XLA's."""
+    recipe = ROUTED[name][0]
+    monkeypatch.setattr(O, "kernel_product", lambda a, b: None)
+    monkeypatch.setattr(O, "contract", lambda a, b, axes: None)
+    transposed = []
+    transpose = O.transpose
+
+    def counting(x):
+        transposed.append((os.environ.get("JAXQ_KERNELS"), isinstance(x, jaxq.QArray)))
+        return transpose(x)
+
+    monkeypatch.setattr(O, "transpose", counting)
+    rng = np.random.default_rng(SEED)
+    x = _edges(jnp.asarray(rng.standard_normal((3, 11, 64)), jnp.float32), (2, 9))
+    w = jnp.asarray(rng.standard_normal((64, 40)) * 0.1, jnp.float32)
+    gy = jnp.asarray(rng.standard_normal((3, 11, 40)), jnp.float32)
+    state = recipe.init()
+    want, got, jaxpr = _both(lambda x, w, s: _step(recipe, x, w, gy, s), monkeypatch, x, w, state)
+    # x and w in the forward, the gradient in the backward (one ``name=`` per call)
+    assert jaxpr.count(f"name={CT}") == 3, jaxpr.count(f"name={CT}")
+    on_xla = [q for mode, q in transposed if mode is None]
+    on_kernels = [q for mode, q in transposed if mode == "interpret"]
+    assert sum(on_xla) >= 3 and sum(on_xla) % 3 == 0 and sum(on_kernels) == 0, transposed
+    ax, aw, ag = jnp.abs(x), jnp.abs(w), jnp.abs(gy)
+    sums = [jnp.einsum("bmk,kn->bmn", ax, aw, precision="highest"),
+            jnp.einsum("bmn,kn->bmk", ag, aw, precision="highest"),
+            jnp.einsum("bmk,bmn->kn", ax, ag, precision="highest")]  # fmt: skip
+    for g, v, s in zip(got[:3], want[:3], sums, strict=True):
+        assert_same_product(g, v, s)
 
 
 def test_what_stays_on_xla(monkeypatch):
