@@ -19,11 +19,10 @@ def _xla_flags() -> str:
     the second 7.6 min against 10.4 (2026-11-30). The price: loops are not vectorized, so
     the few run-bound tests (the short fidelity runs) would take about twice as long
     (``tests/xla_options.py`` compiles them at the default level), and the last bits of
-    ``a * b + c``,
-    ``tanh`` or a small matmul may differ from a default build (floating-point contraction
-    and vectorized reductions); no test depends on those bits, and ``make fidelity``,
-    ``make bench`` and ``make demo`` run with XLA's defaults. ``JAXQ_TEST_XLA_DEFAULTS=1``
-    keeps XLA's defaults for the suite too."""
+    ``a * b + c``, ``tanh`` or a small matmul may differ from a default build
+    (floating-point contraction and vectorized reductions); no test depends on those bits,
+    and ``make fidelity``, ``make bench`` and ``make demo`` run with XLA's defaults.
+    ``JAXQ_TEST_XLA_DEFAULTS=1`` keeps XLA's defaults for the suite too."""
     import importlib.metadata
 
     flags = "--xla_force_host_platform_device_count=8"
