@@ -247,8 +247,10 @@ def _dequantize_jit(q: QArray, dtype) -> jax.Array:
     if isinstance(fmt, F.BlockFormat) and fmt.is_mx:
         bits = jax.lax.bitcast_convert_type(q.scale, jnp.uint8).astype(jnp.int32).reshape(gs)
         e = bits - 127
-        v = v * pow2(e // 2) * pow2(e - e // 2)
-        v = jnp.where(bits == 255, jnp.nan, v)
+        # 2^e per block (two factors: 2^-127 is subnormal), NaN for the byte 255; applied as
+        # one product, which rounds v * 2^e once either way
+        s = jnp.where(bits == 255, np.float32(np.nan), pow2(e // 2) * pow2(e - e // 2))
+        v = v * s
     elif isinstance(fmt, F.BlockFormat):
         v = v * q.scale.astype(jnp.float32).reshape(gs) * q.tensor_scale
     elif q.zero_point is not None:
