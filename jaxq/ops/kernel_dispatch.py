@@ -282,7 +282,6 @@ def kernel_cast_transpose(x3, q, *, amax=None) -> tuple[QArray, QArray] | None:
         q: its :class:`~jaxq.ops.Quantizer`.
         amax: as for :func:`kernel_quantize`.
     """
-    fused = _fused_quantizer(x3, q, amax, 2)
-    if fused is None or fused[1] is None:
-        return None
-    return fused
+    if _quantizer_kernel(x3, q, amax, 2) != "cast_transpose":
+        return None  # not a tensor-scaled FP8 quantizer with a kernel: no copy to read
+    return _fused_quantizer(x3, q, amax, 2)

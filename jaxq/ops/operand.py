@@ -102,10 +102,7 @@ def quantize_operand(
     if q is None:
         return x3
     kw, given = _quantizer_arguments(x3, q, amax, key, where, axis)
-    fused = kernel_quantize(x3, q, amax=given, axis=axis)  # the same QArray, where one runs
-    if fused is not None:
-        return fused
-    return _quantize(x3, q, kw, given)
+    return _quantize(x3, q, kw, given, axis)
 
 
 def quantize_operand_and_transpose(
@@ -137,10 +134,7 @@ def quantize_operand_and_transpose(
         return x3, None
     kw, given = _quantizer_arguments(x3, q, amax, key, where, 2)
     both = kernel_cast_transpose(x3, q, amax=given)
-    if both is not None:
-        return both
-    fused = kernel_quantize(x3, q, amax=given)
-    return (fused if fused is not None else _quantize(x3, q, kw, given)), None
+    return both if both is not None else (_quantize(x3, q, kw, given, 2), None)
 
 
 def _quantizer_arguments(x3, q: Quantizer, amax, key, where: str, axis: int):
@@ -185,8 +179,11 @@ def _quantizer_arguments(x3, q: Quantizer, amax, key, where: str, axis: int):
     return kw, given
 
 
-def _quantize(x3, q: Quantizer, kw: dict, given) -> QArray:
-    """``jaxq.quantize`` as :func:`quantize_operand` calls it (the XLA path)."""
+def _quantize(x3, q: Quantizer, kw: dict, given, axis: int) -> QArray:
+    """The fused quantizer's QArray where one runs, else ``jaxq.quantize``'s (the same)."""
+    fused = kernel_quantize(x3, q, amax=given, axis=axis)
+    if fused is not None:
+        return fused
     if given is not None:
         return quantize(x3, q.fmt, amax=given, **kw)
     calibration = q.calibration if not isinstance(q.calibration, str) else Absmax()

@@ -131,6 +131,16 @@ def test_quantize_operand_is_the_xla_qarray(fmt, monkeypatch):
         assert_same_qarray(both[1], O.transpose(want[0]))
 
 
+def assert_same_step_products(got, want, x, w, gy):
+    """y, dx and dw of a layer step against XLA's, each within its own ``Σ|a·b|`` bound."""
+    ax, aw, ag = jnp.abs(x), jnp.abs(w), jnp.abs(gy)
+    sums = [jnp.einsum("bmk,kn->bmn", ax, aw, precision="highest"),
+            jnp.einsum("bmn,kn->bmk", ag, aw, precision="highest"),
+            jnp.einsum("bmk,bmn->kn", ax, ag, precision="highest")]  # fmt: skip
+    for g, v, s in zip(got[:3], want[:3], sums, strict=True):
+        assert_same_product(g, v, s)
+
+
 def _step(recipe, x, w, gy, state):
     def f(x, w, state):
         return jaxq.ops.dot_general(x, w, DN, recipe=recipe, state=state)
@@ -156,12 +166,7 @@ def test_products_and_gradients_are_the_xla_ones(name, monkeypatch):
     # forward operands, the gradient, and the re-quantized operands along K where the
     # backward blocks them so (the token-axis blocks of the weight gradient stay on XLA)
     assert jaxpr.count(kernel_name) >= 3, jaxpr.count(kernel_name)
-    ax, aw, ag = jnp.abs(x), jnp.abs(w), jnp.abs(gy)
-    sums = [jnp.einsum("bmk,kn->bmn", ax, aw, precision="highest"),
-            jnp.einsum("bmn,kn->bmk", ag, aw, precision="highest"),
-            jnp.einsum("bmk,bmn->kn", ax, ag, precision="highest")]  # fmt: skip
-    for g, v, s in zip(got[:3], want[:3], sums, strict=True):
-        assert_same_product(g, v, s)
+    assert_same_step_products(got, want, x, w, gy)
     for g, v in zip(jax.tree.leaves(got[3]), jax.tree.leaves(want[3]), strict=True):
         np.testing.assert_array_equal(g, v)  # the observed amaxes
 
@@ -194,12 +199,7 @@ def test_the_backward_reads_the_cast_transpose_copies(name, monkeypatch):
     on_xla = [q for mode, q in transposed if mode is None]
     on_kernels = [q for mode, q in transposed if mode == "interpret"]
     assert sum(on_xla) >= 3 and sum(on_xla) % 3 == 0 and sum(on_kernels) == 0, transposed
-    ax, aw, ag = jnp.abs(x), jnp.abs(w), jnp.abs(gy)
-    sums = [jnp.einsum("bmk,kn->bmn", ax, aw, precision="highest"),
-            jnp.einsum("bmn,kn->bmk", ag, aw, precision="highest"),
-            jnp.einsum("bmk,bmn->kn", ax, ag, precision="highest")]  # fmt: skip
-    for g, v, s in zip(got[:3], want[:3], sums, strict=True):
-        assert_same_product(g, v, s)
+    assert_same_step_products(got, want, x, w, gy)
 
 
 def test_what_stays_on_xla(monkeypatch):
