@@ -7,6 +7,11 @@ value ``2^(E-127) * (1 + F/2^23)``, which makes them exact, cheap and differenti
 through ``stop_gradient`` (a rounded scale is a constant for the chain rule: the data
 absorbs whatever the rounding removed, so ``data * scale`` keeps its exact derivative).
 
+Inputs known when the function is traced (Python and NumPy numbers, concrete arrays: the
+literals and constants of a jaxpr) are computed on the host with NumPy, on the same bit
+patterns, and returned as NumPy values; the program then holds one constant instead of the
+scalar ops that would compute it.
+
 Example:
     >>> import jax.numpy as jnp
     >>> float(pow2_round(jnp.float32(3.0))), float(pow2_round(jnp.float32(2.5)))
@@ -20,6 +25,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import core as jcore
 from jax import lax
 
 __all__ = [
@@ -31,6 +37,21 @@ _MANT_BITS = 23
 _EXP_MASK = 0xFF
 # Fraction field of float32(sqrt(2)): values at or above it round up in log2 space.
 _SQRT2_FRAC = 0x3504F3
+
+
+def _host(x: Any) -> np.ndarray | None:
+    """``x`` as float32 NumPy when it is known at trace time (not a tracer), else None."""
+    if isinstance(x, jcore.Tracer):
+        return None
+    return np.asarray(x, np.float32)
+
+
+def _host_pow2_round(x: np.ndarray) -> np.ndarray:
+    """:func:`pow2_round` on the host: the same integer add and mask on the bit pattern."""
+    b = x.view(np.int32).astype(np.int64) + ((1 << _MANT_BITS) - _SQRT2_FRAC)
+    out = (b & (_EXP_MASK << _MANT_BITS)).astype(np.int32).view(np.float32)
+    with np.errstate(invalid="ignore"):
+        return out + (x - x)
 
 
 def _f32(x: Any) -> jax.Array:
@@ -71,6 +92,9 @@ def pow2_round(x: jax.Array) -> jax.Array:
         >>> float(pow2_round(jnp.float32(0.7)))
         0.5
     """
+    h = _host(x)
+    if h is not None:
+        return _host_pow2_round(h)
     x = lax.stop_gradient(_f32(x))
     # adding 2^23 - frac(sqrt 2) to the bit pattern carries into the exponent exactly when
     # the fraction is at least sqrt(2)'s; masking keeps the (rounded) exponent field
@@ -129,6 +153,13 @@ def pow2_split(c: jax.Array, *, grow: bool = False) -> tuple[jax.Array, jax.Arra
         >>> float(m), float(s)
         (-0.75, 32.0)
     """
+    h = _host(c)
+    if h is not None:
+        mag = np.abs(h)
+        ok = np.isfinite(mag) & (mag >= np.finfo(np.float32).tiny)
+        e = np.frexp(np.where(ok, mag, 1.0).astype(np.float32))[1].astype(np.int32) - 1
+        s = np.where(ok, np.ldexp(np.float32(1), e + (0 if grow else 1)), 1).astype(np.float32)
+        return (h / s).astype(np.float32), s
     c32 = _f32(c)
     mag = lax.abs(c32)
     ok = lax.is_finite(mag) & (mag >= np.float32(np.finfo(np.float32).tiny))
@@ -166,6 +197,11 @@ def magnitude(x: jax.Array) -> jax.Array:
         >>> float(magnitude(jnp.full((3,), -1.0 / 64)))
         0.015625
     """
+    h = _host(x)
+    if h is not None:
+        m = np.max(np.abs(h)) if h.size else np.float32(0)
+        ok = np.isfinite(m) & (m >= np.finfo(np.float32).tiny)
+        return _host_pow2_round(np.float32(m)) if ok else np.float32(1)
     x = jnp.asarray(x)
     m = jnp.max(lax.abs(_f32(x))) if x.size else jnp.float32(0)
     ok = lax.is_finite(m) & (m >= np.float32(np.finfo(np.float32).tiny))
