@@ -311,3 +311,18 @@ def test_casts_change_data_only(prim, fn):
     np.testing.assert_array_equal(out.data, fn(sa.data))
     np.testing.assert_allclose(asarray(out), x, rtol=2**-2)
     assert not bool(jnp.isfinite(fn(x)).all())  # the plain cast overflows
+
+
+@pytest.mark.parametrize("c", [0.1, -24.0, 3.0, 1e-30])
+def test_literal_factors_are_split_when_tracing(c):
+    """A literal factor's power-of-two split is done on the host: the traced program holds
+    no bit manipulation for it (only the product with the scale and its NaN guard), and
+    the result equals the value computed in float64."""
+    x = as_scaled_array(_normal(4, 8) * 3.0)
+    fn = scalify(lambda v: v * c)
+    assert not {"bitcast_convert_type", "shift_right_logical"} & _prims(fn, x)
+    y = jax.jit(fn)(x)
+    ref = np.asarray(asarray(x), np.float64) * np.float64(np.float32(c))
+    np.testing.assert_allclose(np.asarray(asarray(y), np.float64), ref, rtol=1e-7)
+    m, e = np.frexp(np.float32(c))
+    assert float(y.scale) == float(x.scale) * 2.0 ** int(e)  # m in [0.5, 1) stays in the data
