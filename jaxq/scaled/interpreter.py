@@ -8,10 +8,11 @@ and yields ordinary arrays; one with a scaled operand runs the primitive's rule 
 ``checkpoint``, ``custom_jvp_call``, ``custom_vjp_call``) is interpreted recursively.
 
 Scale safety: a zero, infinite or NaN scale never propagates silently. A concrete bad
-scale on an input raises ``ValueError`` before anything runs; a traced one, and every
-scale that a rule forms by multiplying or dividing scales (``mul``, ``div``, ``square``,
-``integer_pow``, ``pow``, ``dot_general``, ``conv_general_dilated``, ``set_scaling``,
-``sqrt``/``rsqrt``), goes through :func:`jaxq.scaled.scales.poison`, which turns a scale
+scale on an input raises ``ValueError`` before anything runs; a traced one (and
+``set_scaling``'s) goes through :func:`jaxq.scaled.scales.poison`, and every scale that a
+rule forms by multiplying or dividing scales (``mul``, ``div``, ``square``,
+``integer_pow``, ``pow``, ``dot_general``, ``conv_general_dilated``, ``sqrt``/``rsqrt``,
+renormalization) through :func:`jaxq.scaled.scales.poison_product`; both turn a scale
 that underflowed to 0 or overflowed to inf into NaN. Every other rule keeps NaN scales NaN
 (``max``, ``pow2_round`` and the add-scale formula propagate NaN), so the tensor's value
 becomes NaN instead of silently zero or saturated.

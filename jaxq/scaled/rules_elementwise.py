@@ -58,7 +58,7 @@ from jaxq.scaled.scales import (
     add_scale,
     magnitude,
     narrow_range,
-    poison,
+    poison_product,
     pow2_round,
     pow2_split,
     renormalize,
@@ -196,22 +196,22 @@ def _as_factor(c: Any, dtype: Any, grow: bool = False) -> tuple[jax.Array, jax.A
 def _mul(a, b, **params):
     check_blocks("mul", a, b)
     if is_scaled(a) and is_scaled(b):
-        return scaled(P.mul_p.bind(a.data, b.data, **params), poison(a.scale * b.scale))
+        return scaled(P.mul_p.bind(a.data, b.data, **params), poison_product(a.scale * b.scale))
     x, c = (a, b) if is_scaled(a) else (b, a)
     m, k = _as_factor(c, x.dtype)
     d = P.mul_p.bind(x.data, m, **params) if is_scaled(a) else P.mul_p.bind(m, x.data, **params)
-    return scaled(d, poison(x.scale * k))
+    return scaled(d, poison_product(x.scale * k))
 
 
 def _div(a, b, **params):
     check_blocks("div", a, b)
     if is_scaled(a) and is_scaled(b):
-        return scaled(P.div_p.bind(a.data, b.data, **params), poison(a.scale / b.scale))
+        return scaled(P.div_p.bind(a.data, b.data, **params), poison_product(a.scale / b.scale))
     if is_scaled(a):
         m, k = _as_factor(b, a.dtype, grow=True)
-        return scaled(P.div_p.bind(a.data, m, **params), poison(a.scale / k))
+        return scaled(P.div_p.bind(a.data, m, **params), poison_product(a.scale / k))
     m, k = _as_factor(a, b.dtype)
-    return scaled(P.div_p.bind(m, b.data, **params), poison(k / b.scale))
+    return scaled(P.div_p.bind(m, b.data, **params), poison_product(k / b.scale))
 
 
 # -- unary -----------------------------------------------------------------------------
@@ -231,11 +231,11 @@ def _stop_gradient(x, **params):
 
 
 def _square(x, **params):
-    return scaled(P.square_p.bind(x.data, **params), poison(x.scale * x.scale))
+    return scaled(P.square_p.bind(x.data, **params), poison_product(x.scale * x.scale))
 
 
 def _integer_pow(x, *, y, **params):
-    s = poison(lax.integer_pow(x.scale, y))
+    s = poison_product(lax.integer_pow(x.scale, y))
     return scaled(P.integer_pow_p.bind(x.data, y=y, **params), s)
 
 
@@ -255,7 +255,7 @@ def _pow(x, y, **params):
         k = pow2_round(sy)
         base = P.pow_p.bind(x.data, y, **params)
         return scaled(
-            rescale(ScaledArray.tree_unflatten(None, (base, sy / k)), 1.0), poison(k)
+            rescale(ScaledArray.tree_unflatten(None, (base, sy / k)), 1.0), poison_product(k)
         )
     return _nonlinear(P.pow_p)(x, y, **params)
 

@@ -31,7 +31,7 @@ from jax.extend.core import primitives as P
 from jaxq.scaled.array import ScaledArray, expand_scale, is_scaled, scaled, to_scalar_scale
 from jaxq.scaled.rules import _register_builtin
 from jaxq.scaled.rules_elementwise import _wide, common_scale, rescale
-from jaxq.scaled.scales import add_scale, narrow_range, poison, renormalize
+from jaxq.scaled.scales import add_scale, narrow_range, poison_product, renormalize
 
 __all__ = ["sqrt_n_scale"]
 
@@ -352,18 +352,13 @@ def _dot_general(lhs, rhs, *, dimension_numbers, preferred_element_type=None, **
     out_dtype = preferred_element_type
     acc = jnp.float32 if _narrow_out(out_dtype or dl.dtype) else out_dtype
     final = out_dtype or jnp.result_type(dl.dtype, dr.dtype)
-    # divide by r(sqrt K) before the product, on the smaller operand (a cheaper pass,
-    # exact for power-of-two k), unless that operand is too narrow to take it exactly
-    small_l = int(np.size(dl)) <= int(np.size(dr))
-    small = dl if small_l else dr
-    pre = k > 1 and np.dtype(small.dtype).itemsize >= 4 and not _narrow_out(acc or final)
-    if pre:
-        small = small * jnp.asarray(1.0 / k, small.dtype)
-        dl, dr = (small, dr) if small_l else (dl, small)
     d = P.dot_general_p.bind(
         dl, dr, dimension_numbers=dimension_numbers, preferred_element_type=acc, **params
     )
-    if not pre and k > 1:
+    # divide by r(sqrt K) after the product (exact: k is a power of two), where it fuses
+    # into the product's consumers; a division of an operand first would be a pass and a
+    # kernel of its own (XLA does not fuse producers into a dot's operands)
+    if k > 1:
         d = d * jnp.asarray(1.0 / k, d.dtype)
     if narrow_range(final):  # the accumulator is float32: renormalize before narrowing
         return _dot_scale(lhs, rhs, lfree, rfree, len(lb), k, d, final)
@@ -383,7 +378,7 @@ def _dot_scale(lhs, rhs, lfree, rfree, nb, k, d, narrow):
             scale = scale * s
     if narrow is not None:
         d, scale = renormalize(d, scale, narrow)
-    return scaled(d, poison(scale))
+    return scaled(d, poison_product(scale))
 
 
 def _conv(lhs, rhs, *, dimension_numbers, preferred_element_type=None, **params):
@@ -402,7 +397,7 @@ def _conv(lhs, rhs, *, dimension_numbers, preferred_element_type=None, **params)
     for x in (lhs, rhs):
         if is_scaled(x):
             scale = scale * x.scale
-    return scaled(d, poison(scale))
+    return scaled(d, poison_product(scale))
 
 
 def _top_k(x, **params):

@@ -29,7 +29,8 @@ from jax import core as jcore
 from jax import lax
 
 __all__ = [
-    "pow2_round", "add_scale", "sqrt_split", "scale_ok", "poison", "pow2_split", "renormalize",
+    "pow2_round", "add_scale", "sqrt_split", "scale_ok", "poison", "poison_product", "pow2_split",
+    "renormalize",
     "magnitude", "narrow_range",
 ]  # fmt: skip
 
@@ -130,7 +131,7 @@ def sqrt_split(s: jax.Array) -> tuple[jax.Array, jax.Array]:
         >>> float(t), float(res)
         (2.0, 2.0)
     """
-    s = poison(lax.stop_gradient(_f32(s)))
+    s = poison_product(lax.stop_gradient(_f32(s)))
     e = _exponent(s)
     half = lax.shift_right_arithmetic(e, jnp.int32(1))  # floor(e / 2)
     t = _from_exponent(half) + (s - s)  # NaN stays NaN
@@ -186,6 +187,32 @@ def poison(s: jax.Array) -> jax.Array:
     return lax.select(scale_ok(s), s, lax.full_like(s, np.nan))
 
 
+def poison_product(s: jax.Array) -> jax.Array:
+    """:func:`poison` for a scale formed from positive scales: ``s * (s / s)``.
+
+    ``s / s`` is 1 for a positive finite ``s`` and NaN for 0, inf and NaN (and for a
+    subnormal where the backend flushes them, as :func:`poison`'s ``s > 0`` does), so the
+    result is ``s`` exactly or NaN. A negative ``s`` passes: products and quotients of
+    positive scales are never negative (scales given by a user go through :func:`poison`).
+    Two divisions instead of four comparison and select ops, and XLA keeps a division in
+    its own kernel rather than copying the scale's chain of scalar ops into every
+    consumer: a scalified train step compiles measurably faster (see
+    ``benchmarks/results/scaling.md``).
+
+    Example:
+        >>> poison_product(jnp.float32(0.0)), poison_product(jnp.float32(8.0))
+        (Array(nan, dtype=float32), Array(8., dtype=float32))
+    """
+    h = _host(s)
+    if h is not None:
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return h / np.maximum(h / h, np.float32(0.5))
+    s = _f32(s)
+    # not s / (s / s): XLA's simplifier rewrites a / (b / c) as (a * c) / b, whose s * s
+    # under- or overflows for |log2 s| > 63 (the max, which propagates NaN, stops it)
+    return s / lax.max(s / s, np.float32(0.5))
+
+
 def magnitude(x: jax.Array) -> jax.Array:
     """``r(max|x|)`` of a plain array as a float32 power of two; 1 where that is 0 or not finite.
 
@@ -237,7 +264,7 @@ def renormalize(d: jax.Array, s: jax.Array, dtype: Any) -> tuple[jax.Array, jax.
     ok = lax.is_finite(ms) & (ms >= np.float32(np.finfo(np.float32).tiny))
     r = lax.stop_gradient(lax.select(ok, pow2_round(lax.sqrt(lax.select(ok, ms, 1.0))), 1.0))
     r = lax.select(scale_ok(r), r, jnp.float32(1.0))
-    return (w * (1.0 / r).astype(w.dtype)).astype(dtype), poison(s * r)
+    return (w * (1.0 / r).astype(w.dtype)).astype(dtype), poison_product(s * r)
 
 
 def narrow_range(dtype: Any) -> bool:

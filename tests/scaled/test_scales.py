@@ -15,6 +15,7 @@ from jaxq.scaled.scales import (
     add_scale,
     magnitude,
     poison,
+    poison_product,
     pow2_round,
     pow2_split,
 )
@@ -126,3 +127,34 @@ def test_magnitude_and_poison_match_references_compiled_and_eager():
     np.testing.assert_array_equal(pt[~np.isnan(pt)], pc[~np.isnan(pc)])
     np.testing.assert_array_equal(pc[:64], s[:64])
     assert np.isnan(pc[64:]).all()  # 0, +-inf, NaN, negative
+
+
+def test_poison_product_is_the_scale_or_nan_in_every_binade():
+    """``poison_product(s * c)`` is ``s * c`` exactly where that is a positive normal
+    float32 and NaN where it under- or overflowed, compiled, in a scan and on the host;
+    XLA must not reassociate it into a form whose intermediate squares leave the range."""
+    rng = np.random.default_rng()
+    s = _random_positive(rng, 512, -126, 127)
+    c = np.ldexp(np.float32(1), rng.integers(-40, 41, 512)).astype(np.float32)
+    with np.errstate(over="ignore", under="ignore"):
+        exact = s.astype(np.float64) * c
+    ok = (exact >= np.finfo(np.float32).tiny) & (exact <= np.finfo(np.float32).max)
+    want = np.where(ok, exact, np.nan).astype(np.float32)
+    got = np.asarray(jax.jit(lambda s, c: poison_product(s * c))(s, c))
+    np.testing.assert_array_equal(got, want)
+    with np.errstate(over="ignore", under="ignore"):
+        host = poison_product(s * c)
+    np.testing.assert_array_equal(host[ok], want[ok])  # the host keeps subnormals
+    assert np.isnan(host[~ok & ~(exact > 0)]).all() and np.isnan(host[exact > 3.5e38]).all()
+
+    def step(x, _):  # a carried scale shrinking by 2^-20 per step, guarded each time
+        x = poison_product(x * np.float32(2.0**-20))
+        return x, x
+
+    _, ys = jax.jit(lambda x: jax.lax.scan(step, x, None, length=12))(np.float32(2.0**100))
+    want = np.ldexp(np.float32(1), 100 - 20 * np.arange(1, 13)).astype(np.float32)
+    want[want < np.finfo(np.float32).tiny] = np.nan
+    np.testing.assert_array_equal(np.asarray(ys), want)
+    for bad in (0.0, np.inf, np.nan):
+        assert np.isnan(jax.jit(poison_product)(np.float32(bad)))
+        assert np.isnan(poison_product(np.float32(bad)))
