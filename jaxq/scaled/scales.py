@@ -188,20 +188,21 @@ def poison(s: jax.Array) -> jax.Array:
 
 
 def poison_product(s: jax.Array) -> jax.Array:
-    """:func:`poison` for a scale formed from positive scales: ``s * (s / s)``.
+    """:func:`poison` for a scale formed from positive scales: ``s / max(s / s, 1/2)``.
 
     ``s / s`` is 1 for a positive finite ``s`` and NaN for 0, inf and NaN (and for a
-    subnormal where the backend flushes them, as :func:`poison`'s ``s > 0`` does), so the
-    result is ``s`` exactly or NaN. A negative ``s`` passes: products and quotients of
-    positive scales are never negative (scales given by a user go through :func:`poison`).
-    Two divisions instead of four comparison and select ops, and XLA keeps a division in
-    its own kernel rather than copying the scale's chain of scalar ops into every
+    subnormal where the backend flushes them, as :func:`poison`'s ``s > 0`` does); ``max``
+    propagates NaN, so the result is ``s`` exactly or NaN. A negative ``s`` passes:
+    products and quotients of positive scales are never negative (scales given by a user
+    go through :func:`poison`).
+    Three scalar ops instead of four comparison and select ops, and XLA keeps a division
+    in its own kernel rather than copying the scale's chain of scalar ops into every
     consumer: a scalified train step compiles measurably faster (see
     ``benchmarks/results/scaling.md``).
 
     Example:
-        >>> poison_product(jnp.float32(0.0)), poison_product(jnp.float32(8.0))
-        (Array(nan, dtype=float32), Array(8., dtype=float32))
+        >>> float(poison_product(jnp.float32(0.0))), float(poison_product(jnp.float32(8.0)))
+        (nan, 8.0)
     """
     h = _host(s)
     if h is not None:
