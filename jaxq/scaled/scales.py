@@ -239,11 +239,18 @@ def magnitude(x: jax.Array) -> jax.Array:
 def renormalize(d: jax.Array, s: jax.Array, dtype: Any) -> tuple[jax.Array, jax.Array]:
     """Moves the RMS of wide data into the scale, then narrows: ``(d / r, s * r)``.
 
-    ``r = r(sqrt(mean(d^2)))`` (a power of two, so the division is exact); a zero or
-    non-finite RMS gives ``r = 1``. ``d`` is the float32 (or wider) result of a rule,
-    computed *before* the cast to the narrow data ``dtype``, so that values the static
-    scale rule placed too low (or too high) are brought back to unit range instead of
-    flushing to zero (or overflowing) in that cast. The value ``d * s`` is unchanged.
+    ``r = r(sqrt(mean(d^2)))`` (a power of two, so the division is exact); a zero,
+    subnormal or non-finite mean square gives ``r = 1``. ``r`` comes from the exponent
+    ``e`` of ``q = mean(d^2) = f 2^e`` (``f`` in [1, 2)) with no square root:
+    ``log2 sqrt(q) = (e + log2 f) / 2`` rounds to ``e / 2`` for even ``e`` and, the tie
+    rounding up, to ``(e + 1) / 2`` for odd ``e``; so ``r = 2^((e + 1) >> 1)`` and
+    ``1 / r = 2^-((e + 1) >> 1)``, both built from bits (integer ops that XLA fuses into
+    the consumers, where a square root and a division would each be a kernel).
+
+    ``d`` is the float32 (or wider) result of a rule, computed *before* the cast to the
+    narrow data ``dtype``, so that values the static scale rule placed too low (or too
+    high) are brought back to unit range instead of flushing to zero (or overflowing) in
+    that cast. The value ``d * s`` is unchanged.
 
     Args:
         d: data in a wide dtype (any shape).
@@ -261,11 +268,15 @@ def renormalize(d: jax.Array, s: jax.Array, dtype: Any) -> tuple[jax.Array, jax.
     w = _f32(d) if np.dtype(d.dtype).itemsize < 4 else d
     if w.size == 0:
         return d.astype(dtype), s
-    ms = jnp.mean(lax.square(w), dtype=jnp.float32)
-    ok = lax.is_finite(ms) & (ms >= np.float32(np.finfo(np.float32).tiny))
-    r = lax.stop_gradient(lax.select(ok, pow2_round(lax.sqrt(lax.select(ok, ms, 1.0))), 1.0))
-    r = lax.select(scale_ok(r), r, jnp.float32(1.0))
-    return (w * (1.0 / r).astype(w.dtype)).astype(dtype), poison_product(s * r)
+    ms = lax.stop_gradient(jnp.mean(lax.square(w), dtype=jnp.float32))
+    bits = _bits(ms)  # ms >= 0: positive normal finite <=> bits in [2^23, 0x7F800000)
+    ok = (bits >= np.int32(1 << _MANT_BITS)) & (bits < np.int32(_EXP_MASK << _MANT_BITS))
+    half = lax.shift_right_arithmetic(
+        lax.shift_right_logical(bits, np.int32(_MANT_BITS)) - np.int32(126), np.int32(1)
+    )  # (e + 1) >> 1 with e = biased exponent - 127; in [-62, 64]
+    half = lax.select(ok, half, jnp.zeros_like(half))
+    r, inv = _from_exponent(half), _from_exponent(-half)
+    return (w * inv.astype(w.dtype)).astype(dtype), poison_product(s * r)
 
 
 def narrow_range(dtype: Any) -> bool:

@@ -18,6 +18,7 @@ from jaxq.scaled.scales import (
     poison_product,
     pow2_round,
     pow2_split,
+    renormalize,
 )
 
 SQRT2_F32 = float(np.float32(np.sqrt(2.0)))  # the tie point pow2_round uses, in float32
@@ -158,3 +159,28 @@ def test_poison_product_is_the_scale_or_nan_in_every_binade():
     for bad in (0.0, np.inf, np.nan):
         assert np.isnan(jax.jit(poison_product)(np.float32(bad)))
         assert np.isnan(poison_product(np.float32(bad)))
+
+
+def test_renormalize_moves_the_rounded_rms_into_the_scale():
+    """``r = 2^round(log2 sqrt(mean d^2))`` (ties up) against float64, in every binade and
+    at the exact ties ``mean d^2 = 4^k`` and ``2 * 4^k``; the value ``d * s`` is unchanged
+    bit for bit, compiled and eagerly; a zero or non-finite mean square keeps ``r = 1``."""
+    rng = np.random.default_rng()
+    f = jax.jit(lambda d, s: renormalize(d, s, np.float32))
+    cases = [(rng.standard_normal(rng.integers(1, 50)) * 2.0 ** rng.integers(-60, 60))
+             for _ in range(200)]  # fmt: skip
+    cases += [np.full(4, 2.0**k) for k in range(-60, 61, 7)]  # mean square 4^k
+    cases += [np.array([2.0**k, 2.0**k, 0.0, 0.0]) * 2.0 for k in range(-60, 61, 7)]  # 2*4^k
+    for d in cases:
+        d = d.astype(np.float32)
+        ms = np.mean(d.astype(np.float32) ** 2, dtype=np.float32)
+        want = 2.0 ** np.floor(np.log2(np.sqrt(np.float64(ms))) + 0.5)
+        s0 = np.float32(2.0 ** rng.integers(-20, 20))
+        for out, s in (f(d, s0), renormalize(d, s0, np.float32)):
+            assert float(s) == want * s0, (ms, float(s), want)
+            np.testing.assert_array_equal(
+                np.asarray(out, np.float64) * float(s), d.astype(np.float64) * s0
+            )
+    for bad in (0.0, np.inf, np.nan):
+        _, s = f(np.full(3, bad, np.float32), np.float32(4.0))
+        assert float(s) == 4.0
