@@ -48,7 +48,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import core as jcore
 from jax import lax
 from jax.extend.core import primitives as P
 
@@ -141,7 +140,7 @@ def _is_scalar(x: Any) -> bool:
 # -- add / sub -------------------------------------------------------------------------
 def _plain_magnitude(c: Any) -> jax.Array:
     """``r(|c|)`` for a finite nonzero plain scalar, else 0 (it adds no magnitude)."""
-    if not isinstance(c, jcore.Tracer):  # a literal: computed when tracing
+    if isinstance(c, np.ndarray | np.generic | int | float):  # a literal: on the host
         v = np.abs(np.asarray(c, np.float32))
         ok = np.isfinite(v) & (v >= np.finfo(np.float32).tiny)
         return pow2_round(v) if ok else np.float32(0)

@@ -7,9 +7,9 @@ value ``2^(E-127) * (1 + F/2^23)``, which makes them exact, cheap and differenti
 through ``stop_gradient`` (a rounded scale is a constant for the chain rule: the data
 absorbs whatever the rounding removed, so ``data * scale`` keeps its exact derivative).
 
-Inputs known when the function is traced (Python and NumPy numbers, concrete arrays: the
-literals and constants of a jaxpr) are computed on the host with NumPy, on the same bit
-patterns, and returned as NumPy values; the program then holds one constant instead of the
+Python and NumPy inputs (a jaxpr's literals, such as a mean's ``1/N`` or a learning rate)
+are computed on the host with NumPy, on the same bit patterns, and returned as NumPy
+values; the program then holds one constant instead of the
 scalar ops that would compute it.
 
 Example:
@@ -41,8 +41,12 @@ _SQRT2_FRAC = 0x3504F3
 
 
 def _host(x: Any) -> np.ndarray | None:
-    """``x`` as float32 NumPy when it is known at trace time (not a tracer), else None."""
-    if isinstance(x, jcore.Tracer):
+    """``x`` as float32 NumPy when it is a Python or NumPy number or array (a jaxpr's
+    literal, a constant), else None. JAX arrays stay on their device, traced or not: an
+    eager call must not copy device data to the host."""
+    if isinstance(x, jax.Array | jcore.Tracer) or not isinstance(
+        x, np.ndarray | np.generic | int | float
+    ):
         return None
     return np.asarray(x, np.float32)
 

@@ -171,6 +171,9 @@ def test_renormalize_moves_the_rounded_rms_into_the_scale():
              for _ in range(200)]  # fmt: skip
     cases += [np.full(4, 2.0**k) for k in range(-60, 61, 7)]  # mean square 4^k
     cases += [np.array([2.0**k, 2.0**k, 0.0, 0.0]) * 2.0 for k in range(-60, 61, 7)]  # 2*4^k
+    # the float just below the tie 2*4^k: a float32 square root rounds it onto the tie
+    cases += [np.array([np.sqrt(np.nextafter(np.float32(2 * 4.0**k), np.float32(0)))])
+              for k in range(-20, 21, 3)]  # fmt: skip
     for d in cases:
         d = d.astype(np.float32)
         ms = np.mean(d.astype(np.float32) ** 2, dtype=np.float32)
