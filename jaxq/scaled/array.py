@@ -283,8 +283,11 @@ def scaled(data: Any, scale: Any) -> ScaledArray:
 
     The interpreter checks every rule output's shape, dtype and block layout instead.
     """
-    scale = scale if isinstance(scale, jax.Array | jcore.Tracer) else jnp.asarray(scale)
-    if scale.dtype != jnp.float32:
+    if not isinstance(scale, jax.Array | jcore.Tracer):
+        # a constant (such as a nonlinear op's unit scale) stays on the host, so that the
+        # scale arithmetic on it is done when tracing; scalify returns JAX arrays
+        scale = np.asarray(scale, np.float32)
+    elif scale.dtype != jnp.float32:
         scale = scale.astype(jnp.float32)
     return ScaledArray.tree_unflatten(None, (data, scale))
 

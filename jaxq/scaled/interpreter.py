@@ -123,9 +123,16 @@ def scalify(fn: Callable[..., Any]) -> Callable[..., Any]:
         outs = eval_closed(closed, *leaves)
         if len(outs) != len(out_leaves):  # pragma: no cover - make_jaxpr guarantees this
             raise RuntimeError("scalify: output count mismatch")
-        return jax.tree_util.tree_unflatten(out_tree, outs)
+        return jax.tree_util.tree_unflatten(out_tree, [_device_scale(o) for o in outs])
 
     return wrapper
+
+
+def _device_scale(x: Any) -> Any:
+    """An output whose scale a rule computed on the host (a constant) with a JAX scale."""
+    if is_scaled(x) and not isinstance(x.scale, jax.Array | jcore.Tracer):
+        return scaled(x.data, jnp.asarray(x.scale, jnp.float32))
+    return x
 
 
 def _fn_name(fn: Any) -> str:

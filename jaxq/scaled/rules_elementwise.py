@@ -109,6 +109,8 @@ def rescale(x: Any, s: jax.Array, dtype: Any = None) -> jax.Array:
         dtype = np.dtype(dtype or d.dtype)
         ratio = 1.0 / s
     w = _wide(dtype)
+    if isinstance(ratio, np.ndarray | np.generic | float) and np.all(np.asarray(ratio) == 1):
+        return _to(d, dtype)  # scales that are equal constants
     ratio = jnp.asarray(ratio)
     if ratio.ndim and ratio.size == 1:  # a single block is a scalar scale
         ratio = jnp.reshape(ratio, ())
@@ -129,7 +131,8 @@ def common_scale(*xs: Any) -> jax.Array:
     scales = [x.scale for x in xs if is_scaled(x)]
     out = scales[0]
     for s in scales[1:]:
-        out = jnp.maximum(out, s)
+        host = all(isinstance(v, np.ndarray | np.generic) for v in (out, s))
+        out = np.maximum(out, s) if host else jnp.maximum(out, s)
     return out
 
 
@@ -167,10 +170,10 @@ def _array_magnitude(c: Any) -> jax.Array:
     """``r(max|c|)`` of a plain array, 0 when that is zero or not finite."""
     c = jnp.asarray(c)
     if not jnp.issubdtype(c.dtype, jnp.floating) or c.size == 0:
-        return jnp.float32(0)
+        return np.float32(0)
     m = jnp.max(lax.abs(_to(c, np.dtype(np.float32))))
     ok = lax.is_finite(m) & (m >= np.float32(np.finfo(np.float32).tiny))
-    return lax.select(ok, pow2_round(lax.select(ok, m, 1.0)), jnp.float32(0))
+    return lax.select(ok, pow2_round(lax.select(ok, m, 1.0)), np.float32(0))
 
 
 # -- mul / div -------------------------------------------------------------------------
@@ -186,7 +189,7 @@ def _as_factor(c: Any, dtype: Any, grow: bool = False) -> tuple[jax.Array, jax.A
         return m.astype(dtype), k
     c = jnp.asarray(c)
     if not jnp.issubdtype(c.dtype, jnp.floating):
-        return c.astype(dtype), jnp.float32(1.0)
+        return c.astype(dtype), np.float32(1.0)
     r = magnitude(c)
     w = _wide(c.dtype)
     return (_to(c, w) * _to(1.0 / r, w)).astype(dtype), r
@@ -222,7 +225,7 @@ def _data_only(prim: Any):
 
 
 def _sign(x, **params):
-    return scaled(P.sign_p.bind(x.data, **params), jnp.float32(1.0))
+    return scaled(P.sign_p.bind(x.data, **params), np.float32(1.0))
 
 
 def _stop_gradient(x, **params):
@@ -234,14 +237,20 @@ def _square(x, **params):
 
 
 def _integer_pow(x, *, y, **params):
-    s = poison_product(lax.integer_pow(x.scale, y))
+    s = x.scale
+    if isinstance(s, np.ndarray):
+        with np.errstate(over="ignore", divide="ignore"):
+            s = s.astype(np.float32) ** np.float32(y)
+    else:
+        s = lax.integer_pow(s, y)
+    s = poison_product(s)
     return scaled(P.integer_pow_p.bind(x.data, y=y, **params), s)
 
 
 def _sqrt_like(prim: Any, invert: bool):
     def rule(x, **params):
         t, res = sqrt_split(x.scale)
-        d = rescale(ScaledArray.tree_unflatten(None, (x.data, res)), jnp.float32(1.0))
+        d = rescale(ScaledArray.tree_unflatten(None, (x.data, res)), np.float32(1.0))
         return scaled(prim.bind(d, **params), 1.0 / t if invert else t)
 
     return rule
@@ -270,7 +279,7 @@ def _log(x, **params):
     direct = jnp.isfinite(v) & (jnp.abs(v) >= jnp.finfo(w).tiny)
     split = P.log_p.bind(d, **params) + jnp.log(s)
     out = jnp.where(direct | ~jnp.isfinite(d) | (d == 0), P.log_p.bind(v, **params), split)
-    return scaled(out.astype(x.dtype), jnp.float32(1.0))
+    return scaled(out.astype(x.dtype), np.float32(1.0))
 
 
 def _is_finite(x, **params):
@@ -282,7 +291,7 @@ def _nonlinear(prim: Any):
         out = prim.bind(*[value_of(a) for a in args], **params)
         outs = out if prim.multiple_results else [out]
         outs = [
-            scaled(o, jnp.float32(1.0)) if jnp.issubdtype(o.dtype, jnp.floating) else o
+            scaled(o, np.float32(1.0)) if jnp.issubdtype(o.dtype, jnp.floating) else o
             for o in outs
         ]
         return outs if prim.multiple_results else outs[0]

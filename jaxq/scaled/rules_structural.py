@@ -210,7 +210,7 @@ def _concatenate(*ops, dimension):
             dtype = blocked[0].dtype
             datas, scales = [], []
             for o, sh in zip(ops, shapes, strict=True):
-                o = o if is_scaled(o) else scaled(jnp.asarray(o, dtype), jnp.float32(1.0))
+                o = o if is_scaled(o) else scaled(jnp.asarray(o, dtype), np.float32(1.0))
                 datas.append(o.data.astype(dtype))
                 grid = [d // n for d, n in zip(sh, b, strict=True)]
                 scales.append(jnp.broadcast_to(o.scale, grid))
@@ -293,7 +293,7 @@ def _reduce_sum(x, *, axes, **params):
     if narrow_range(x.dtype):  # sum in float32, then renormalize before narrowing
         d = P.reduce_sum_p.bind(x.data.astype(jnp.float32) * (1.0 / k), axes=axes, **params)
         return scaled(*renormalize(d, s * k, x.dtype))
-    d = rescale(ScaledArray.tree_unflatten(None, (x.data, jnp.float32(1.0 / k))), 1.0)
+    d = rescale(ScaledArray.tree_unflatten(None, (x.data, np.float32(1.0 / k))), np.float32(1.0))
     return scaled(P.reduce_sum_p.bind(d, axes=axes, **params), s * k)
 
 
@@ -314,7 +314,7 @@ def _arg_reduce(prim):
 
 def _cumsum(x, *, axis, reverse):
     k = sqrt_n_scale(x.shape[axis])
-    d = rescale(ScaledArray.tree_unflatten(None, (x.data, jnp.float32(1.0 / k))), 1.0)
+    d = rescale(ScaledArray.tree_unflatten(None, (x.data, np.float32(1.0 / k))), np.float32(1.0))
     return scaled(P.cumsum_p.bind(d, axis=axis, reverse=reverse), x.scale * k)
 
 
@@ -369,7 +369,7 @@ def _dot_general(lhs, rhs, *, dimension_numbers, preferred_element_type=None, **
 def _dot_scale(lhs, rhs, lfree, rfree, nb, k, d, narrow):
     """Output of ``dot_general``: scale ``sa * sb * k``, per free-axis blocks kept."""
     nlf, nrf = len(lfree), len(rfree)
-    scale = jnp.float32(k)
+    scale = np.float32(k)
     for x, free, pre, post in ((lhs, lfree, nb, nrf), (rhs, rfree, nb + nlf, 0)):
         if is_scaled(x):
             s = x.scale
@@ -393,7 +393,7 @@ def _conv(lhs, rhs, *, dimension_numbers, preferred_element_type=None, **params)
     )
     final = preferred_element_type or jnp.result_type(dl.dtype, dr.dtype)
     d = (d * jnp.asarray(1.0 / k, d.dtype)).astype(final)
-    scale = jnp.float32(k)
+    scale = np.float32(k)
     for x in (lhs, rhs):
         if is_scaled(x):
             scale = scale * x.scale

@@ -118,6 +118,13 @@ def add_scale(sa: jax.Array, sb: jax.Array) -> jax.Array:
         >>> float(add_scale(jnp.float32(4.0), jnp.float32(1.0)))
         4.0
     """
+    ha, hb = _host(sa), _host(sb)
+    if ha is not None and hb is not None:
+        hi = np.maximum(ha, hb)
+        with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+            ratio = np.minimum(ha, hb) / hi
+            hyp = (hi * np.sqrt(np.float32(1) + ratio * ratio)).astype(np.float32)
+        return _host_pow2_round(hyp)
     sa, sb = _f32(sa), _f32(sb)
     hi = lax.max(sa, sb)
     ratio = lax.min(sa, sb) / hi

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax import lax
+from jax.extend import core as jex
 
 from jaxq.scaled import as_scaled_array, asarray, is_scaled, scalify
 
@@ -326,3 +327,20 @@ def test_literal_factors_are_split_when_tracing(c):
     np.testing.assert_allclose(np.asarray(asarray(y), np.float64), ref, rtol=1e-7)
     m, e = np.frexp(np.float32(c))
     assert float(y.scale) == float(x.scale) * 2.0 ** int(e)  # m in [0.5, 1) stays in the data
+
+
+def test_unit_scales_of_nonlinear_outputs_stay_constants():
+    """A nonlinear op's output scale is the constant 1: later scale arithmetic on it is
+    done when tracing (no scalar ops on scales in the program), and the scale returned
+    from ``scalify`` is a JAX array all the same."""
+    x = as_scaled_array(_normal(4, 8))
+    fn = scalify(lambda v: jnp.tanh(v) * 3.0 + jnp.exp(v) * 0.25)
+    closed = jax.make_jaxpr(fn)(x)
+    scalar_ops = [e.primitive.name for e in closed.jaxpr.eqns if e.outvars[0].aval.shape == ()]
+    assert scalar_ops == ["is_finite", "gt", "and", "select_n"], scalar_ops  # the input guard
+    assert isinstance(closed.jaxpr.outvars[1], jex.Literal)  # the output scale: a constant
+    y = fn(x)
+    assert isinstance(y.scale, jax.Array) and y.scale.dtype == jnp.float32
+    v = np.asarray(asarray(x), np.float64)
+    ref = np.tanh(v) * 3.0 + np.exp(v) * 0.25  # terms of opposite signs: an absolute bound
+    np.testing.assert_allclose(np.asarray(asarray(y), np.float64), ref, rtol=1e-6, atol=1e-6)
