@@ -40,7 +40,7 @@ from jaxq.scaled.array import (
     to_scalar_scale,
 )
 from jaxq.scaled.rules import ScalifyRuleError, get_rule
-from jaxq.scaled.scales import poison
+from jaxq.scaled.scales import on_host, poison
 
 __all__ = ["scalify", "eval_jaxpr", "eval_closed"]
 
@@ -130,7 +130,7 @@ def scalify(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 def _device_scale(x: Any) -> Any:
     """An output whose scale a rule computed on the host (a constant) with a JAX scale."""
-    if is_scaled(x) and not isinstance(x.scale, jax.Array | jcore.Tracer):
+    if is_scaled(x) and on_host(x.scale):
         return scaled(x.data, jnp.asarray(x.scale, jnp.float32))
     return x
 

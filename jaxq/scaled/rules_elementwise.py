@@ -57,6 +57,7 @@ from jaxq.scaled.scales import (
     add_scale,
     magnitude,
     narrow_range,
+    on_host,
     poison_product,
     pow2_round,
     pow2_split,
@@ -109,7 +110,7 @@ def rescale(x: Any, s: jax.Array, dtype: Any = None) -> jax.Array:
         dtype = np.dtype(dtype or d.dtype)
         ratio = 1.0 / s
     w = _wide(dtype)
-    if isinstance(ratio, np.ndarray | np.generic | float) and np.all(np.asarray(ratio) == 1):
+    if on_host(ratio) and np.all(np.asarray(ratio) == 1):
         return _to(d, dtype)  # scales that are equal constants
     ratio = jnp.asarray(ratio)
     if ratio.ndim and ratio.size == 1:  # a single block is a scalar scale
@@ -131,8 +132,7 @@ def common_scale(*xs: Any) -> jax.Array:
     scales = [x.scale for x in xs if is_scaled(x)]
     out = scales[0]
     for s in scales[1:]:
-        host = all(isinstance(v, np.ndarray | np.generic) for v in (out, s))
-        out = np.maximum(out, s) if host else jnp.maximum(out, s)
+        out = np.maximum(out, s) if on_host(out) and on_host(s) else jnp.maximum(out, s)
     return out
 
 
@@ -143,7 +143,7 @@ def _is_scalar(x: Any) -> bool:
 # -- add / sub -------------------------------------------------------------------------
 def _plain_magnitude(c: Any) -> jax.Array:
     """``r(|c|)`` for a finite nonzero plain scalar, else 0 (it adds no magnitude)."""
-    if isinstance(c, np.ndarray | np.generic | int | float):  # a literal: on the host
+    if on_host(c):  # a literal
         v = np.abs(np.asarray(c, np.float32))
         ok = np.isfinite(v) & (v >= np.finfo(np.float32).tiny)
         return pow2_round(v) if ok else np.float32(0)
@@ -238,9 +238,9 @@ def _square(x, **params):
 
 def _integer_pow(x, *, y, **params):
     s = x.scale
-    if isinstance(s, np.ndarray):
+    if on_host(s):
         with np.errstate(over="ignore", divide="ignore"):
-            s = s.astype(np.float32) ** np.float32(y)
+            s = np.asarray(s, np.float32) ** np.float32(y)
     else:
         s = lax.integer_pow(s, y)
     s = poison_product(s)

@@ -7,10 +7,10 @@ value ``2^(E-127) * (1 + F/2^23)``, which makes them exact, cheap and differenti
 through ``stop_gradient`` (a rounded scale is a constant for the chain rule: the data
 absorbs whatever the rounding removed, so ``data * scale`` keeps its exact derivative).
 
-Python and NumPy inputs (a jaxpr's literals, such as a mean's ``1/N`` or a learning rate)
-are computed on the host with NumPy, on the same bit patterns, and returned as NumPy
-values; the program then holds one constant instead of the
-scalar ops that would compute it.
+Python and NumPy inputs (a jaxpr's literals, such as a mean's ``1/N`` or a learning rate,
+and the rules' constant scales, such as a nonlinear op's unit scale) are computed on the
+host with NumPy, on the same bit patterns, and returned as NumPy values; the program then
+holds one constant instead of the scalar ops that would compute it.
 
 Example:
     >>> import jax.numpy as jnp
@@ -25,12 +25,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import core as jcore
 from jax import lax
 
 __all__ = [
     "pow2_round", "add_scale", "sqrt_split", "scale_ok", "poison", "poison_product", "pow2_split",
-    "renormalize",
+    "renormalize", "on_host",
     "magnitude", "narrow_range",
 ]  # fmt: skip
 
@@ -40,15 +39,22 @@ _EXP_MASK = 0xFF
 _SQRT2_FRAC = 0x3504F3
 
 
+def on_host(x: Any) -> bool:
+    """True for a Python or NumPy number or array: a value known when tracing (a jaxpr's
+    literal, a rule's constant scale), whose scale arithmetic runs on the host. JAX
+    arrays, traced or not, stay on their device: an eager call must not copy device data
+    to the host.
+
+    Example:
+        >>> on_host(np.float32(1.0)), on_host(jnp.float32(1.0))
+        (True, False)
+    """
+    return isinstance(x, np.ndarray | np.generic | int | float)
+
+
 def _host(x: Any) -> np.ndarray | None:
-    """``x`` as float32 NumPy when it is a Python or NumPy number or array (a jaxpr's
-    literal, a constant), else None. JAX arrays stay on their device, traced or not: an
-    eager call must not copy device data to the host."""
-    if isinstance(x, jax.Array | jcore.Tracer) or not isinstance(
-        x, np.ndarray | np.generic | int | float
-    ):
-        return None
-    return np.asarray(x, np.float32)
+    """``x`` as float32 NumPy when :func:`on_host`, else None."""
+    return np.asarray(x, np.float32) if on_host(x) else None
 
 
 def _host_pow2_round(x: np.ndarray) -> np.ndarray:
